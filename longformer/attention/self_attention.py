@@ -1,0 +1,55 @@
+"""LongformerSelfAttention: the projections of one layer, and the choice of kernel that combines them."""
+import torch
+from torch import nn
+
+from ..kernels import global_query_attention, sliding_window_attention
+from .dense import dense_attention
+from .masks import AttentionMasks
+
+
+def resolve_implementation(name: str, device: torch.device) -> str:
+    """"auto" picks the fused SDPA kernel on every device; the others are forced choices."""
+    return "sdpa" if name == "auto" else name
+
+
+class LongformerSelfAttention(nn.Module):
+    """Sliding-window attention (±w tokens, w = attention_window // 2) plus global attention.
+
+    Every token attends to its window and to all global tokens through query/key/value; global tokens
+    attend to all tokens through query_global/key_global/value_global.
+    """
+
+    def __init__(self, config, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.one_sided_window = config.attention_window[layer_id] // 2
+        self.dropout = config.attention_probs_dropout_prob
+        self.implementation = config.attn_implementation
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.query_global, self.key_global, self.value_global = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
+        """x [B, L, C] -> [B, L, C]; padding positions get zeros."""
+        impl = resolve_implementation(self.implementation, x.device)
+        dropout_p = self.dropout if self.training else 0.0
+        if impl == "dense":
+            return dense_attention(x, self, masks, dropout_p)
+        use_sdpa = impl == "sdpa"
+        B, L, C = x.shape
+        split = lambda t: t.view(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731  [B, n, C] -> [B, n, H, D]
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        w = self.one_sided_window
+        if masks.num_global:
+            k_glob, v_glob = masks.gather_global(k), masks.gather_global(v)  # [B, G, H, D]
+            out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob,
+                                           dropout_p, use_sdpa)
+            q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
+            out_g = global_query_attention(q_g, split(self.key_global(x)), split(self.value_global(x)),
+                                           masks.keep, dropout_p, use_sdpa)
+            out = masks.scatter_global(out, out_g)
+        else:
+            out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), dropout_p=dropout_p,
+                                           use_sdpa=use_sdpa)
+        return (out * masks.keep[:, :, None, None]).reshape(B, L, C)

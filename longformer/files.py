@@ -1,0 +1,32 @@
+"""Atomic file writes: a crash mid-write leaves the old file (or none), never a truncated one."""
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic(path: str, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
+
+
+def atomic_save_safetensors(path: str, tensors: dict, metadata: dict | None = None):
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_torch_save(path: str, obj):
+    _atomic(path, lambda tmp: torch.save(obj, tmp))

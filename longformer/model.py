@@ -1,0 +1,304 @@
+"""The Longformer encoder and its task heads, with HF's class, argument and output names."""
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionMasks, LongformerSelfAttention
+from .config import LongformerConfig
+
+ACT_FNS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+class ModelOutput:
+    """Fields by name (out.logits) or, as HF's tuples, by position over the fields that are set (out[0])."""
+
+    def to_tuple(self):
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, i):
+        return self.to_tuple()[i]
+
+
+@dataclass
+class LongformerBaseModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class LongformerHeadOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class LongformerEmbeddings(nn.Module):
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        C, pad = config.hidden_size, config.pad_token_id
+        self.padding_idx = pad
+        self.word = nn.Embedding(config.vocab_size, C, padding_idx=pad)
+        self.position = nn.Embedding(config.max_position_embeddings, C, padding_idx=pad)
+        self.token_type = nn.Embedding(config.type_vocab_size, C)
+        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def position_ids(self, input_ids, shape, device):
+        """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx."""
+        if input_ids is None:  # embeddings given: nothing tells padding apart
+            return torch.arange(shape[1], device=device).expand(shape) + self.padding_idx + 1
+        real = input_ids.ne(self.padding_idx)
+        return torch.cumsum(real, dim=1) * real + self.padding_idx
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        x = self.word(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x + self.position(position_ids) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class LongformerLayer(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int):
+        super().__init__()
+        C, eps = config.hidden_size, config.layer_norm_eps
+        self.attn = LongformerSelfAttention(config, layer_id)
+        self.attn_out = nn.Linear(C, C)
+        self.attn_norm = nn.LayerNorm(C, eps=eps)
+        self.ffn_in = nn.Linear(C, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, C)
+        self.ffn_norm = nn.LayerNorm(C, eps=eps)
+        self.act = ACT_FNS[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn_out(self.attn(x, masks))))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+
+
+class LongformerPreTrainedModel(nn.Module):
+    """What every class shares: the config, weight initialisation, and HF-format checkpoints."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        if not isinstance(config, LongformerConfig):
+            raise TypeError(f"expected a LongformerConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self, module: nn.Module):
+        """HF's initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute."""
+        self.config.gradient_checkpointing = True
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **config_overrides):
+        """Load an HF-format checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
+
+        config_overrides replace config fields, e.g. num_labels=3 or attn_implementation="chunked".
+        """
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, directory, **config_overrides)
+
+    def save_pretrained(self, directory: str):
+        """Write config.json + model.safetensors that HF transformers' from_pretrained loads."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+
+def _check_inputs(config, input_ids, inputs_embeds, **per_token):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids [batch, length] and inputs_embeds [batch, length, hidden]")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
+    if ref.dim() != (2 if input_ids is not None else 3) or ref.shape[1] == 0:
+        raise ValueError(f"{name} must be [batch, length{', hidden' if input_ids is None else ''}] with length >= 1, "
+                         f"got shape {tuple(ref.shape)}")
+    shape = tuple(ref.shape[:2])
+    for key, value in per_token.items():
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(value.shape)} but {name} has {shape[0]} sequences of "
+                             f"{shape[1]} tokens: give one value per token, shape {shape}")
+    if shape[1] > config.max_length:
+        raise ValueError(f"input of {shape[1]} tokens is longer than this model's position table allows "
+                         f"({config.max_length} tokens, max_position_embeddings={config.max_position_embeddings}): "
+                         f"truncate it, or extend the model with `python -m longformer.convert`")
+    return shape
+
+
+class LongformerModel(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = LongformerEmbeddings(config)
+        self.layers = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.apply(self.init_weights)
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, output_hidden_states=False) -> LongformerBaseModelOutput:
+        """attention_mask: 1 = real token, 0 = padding. global_attention_mask: 1 = global token."""
+        shape = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask=attention_mask,
+                              global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
+                              position_ids=position_ids)
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if position_ids is None:
+            position_ids = self.embeddings.position_ids(input_ids, shape, device)
+        elif int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position_ids reach {int(position_ids.max())} but the position table has "
+                             f"{self.config.max_position_embeddings} rows")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
+        keep = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        is_global = (torch.zeros_like(keep) if global_attention_mask is None else global_attention_mask.bool())
+        masks = AttentionMasks(keep, is_global)
+
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, masks, use_reentrant=False)
+            else:
+                x = layer(x, masks)
+            if output_hidden_states:
+                hidden_states.append(x)
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        return LongformerBaseModelOutput(x, pooled, tuple(hidden_states) if output_hidden_states else None)
+
+
+class LongformerForMaskedLM(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.lm_head = LongformerLMHead(config, self.longformer.embeddings.word)
+        self.lm_head.apply(self.init_weights)
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False,
+                logits_at_labels_only=False) -> LongformerHeadOutput:
+        """labels: the token to predict, -100 where nothing is predicted.
+
+        logits_at_labels_only: compute the vocabulary projection only where labels != -100 (the decoder is
+        the model's largest matmul) and return logits [num_predicted, vocab] instead of [B, L, vocab].
+        """
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                              inputs_embeds, output_hidden_states)
+        h = out.last_hidden_state
+        if logits_at_labels_only:
+            if labels is None:
+                raise ValueError("logits_at_labels_only=True needs labels")
+            selected = labels.ne(-100)
+            h, labels = h[selected], labels[selected]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return LongformerHeadOutput(loss, logits, out.hidden_states)
+
+
+class LongformerLMHead(nn.Module):
+    """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings, with its own bias."""
+
+    def __init__(self, config: LongformerConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.word_embeddings = [word_embeddings]  # a list, so that the shared weight is not registered twice
+
+    def forward(self, h):
+        h = self.layer_norm(F.gelu(self.dense(h)))
+        return F.linear(h, self.word_embeddings[0].weight, self.bias)
+
+
+def _classification_loss(config, logits, labels):
+    """HF's rule: one label is regression, integer labels are single-label, float labels are multi-label."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(logits.shape[0], -1).squeeze(-1))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels).float(), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class LongformerClassificationHead(nn.Module):
+    """On the first token (<s>): dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h):
+        h = self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0]))))
+        return self.out_proj(h)
+
+
+class LongformerForSequenceClassification(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.classifier = LongformerClassificationHead(config)
+        self.classifier.apply(self.init_weights)
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False) -> LongformerHeadOutput:
+        """Without a global_attention_mask the first token is global, as in HF."""
+        if global_attention_mask is None:
+            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            global_attention_mask = torch.zeros(ref.shape, dtype=torch.long, device=ref.device)
+            global_attention_mask[:, 0] = 1
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                              inputs_embeds, output_hidden_states)
+        logits = self.classifier(out.last_hidden_state)
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        return LongformerHeadOutput(loss, logits, out.hidden_states)
+
+
+class LongformerForTokenClassification(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier.apply(self.init_weights)
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False) -> LongformerHeadOutput:
+        """labels [B, L]: class per token, -100 where no label applies (padding, continuation sub-words)."""
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                              inputs_embeds, output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return LongformerHeadOutput(loss, logits, out.hidden_states)
