@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from .files import atomic_write_text
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "chunked", "dense")
+ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "dense")
+RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing")
 
 
 @dataclass
@@ -31,8 +32,9 @@ class LongformerConfig:
     sep_token_id: int = 2
     id2label: dict[int, str] | None = None
     problem_type: str | None = None  # "single_label_classification", "multi_label_classification", "regression"
-    # Not in HF's config: which attention kernel runs (see longformer/attention/self_attention.py).
-    attn_implementation: str = "auto"
+    # Run-time choices, not written to config.json: the attention kernel (longformer/attention/self_attention.py)
+    # and whether layers recompute their activations in the backward pass.
+    attention_backend: str = "auto"
     gradient_checkpointing: bool = False
     # Fields of config.json that this library does not use, kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
@@ -66,9 +68,9 @@ class LongformerConfig:
                      f"(the full window: each token sees window // 2 tokens on each side)")
         if self.hidden_act not in ACTIVATIONS:
             fail(f"unknown hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            fail(f"unknown attn_implementation {self.attn_implementation!r}; "
-                 f"choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            fail(f"unknown attention_backend {self.attention_backend!r}; "
+                 f"choose one of {', '.join(ATTENTION_BACKENDS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or not 0 <= p < 1:
@@ -108,11 +110,12 @@ class LongformerConfig:
             d["id2label"] = {i: f"LABEL_{i}" for i in range(int(d["num_labels"]))}
         d.pop("num_labels", None)
         d.pop("label2id", None)  # derived from id2label
+        d.pop("model_type", None)  # always longformer here
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         return cls(**kwargs, extra=d)
 
     def to_dict(self) -> dict:
-        d = {**self.extra, **{k: v for k, v in asdict(self).items() if k != "extra"}}
+        d = {**self.extra, **{k: v for k, v in asdict(self).items() if k not in ("extra", *RUNTIME_FIELDS)}}
         d["model_type"] = "longformer"
         if self.id2label is None:
             d.pop("id2label")

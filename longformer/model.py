@@ -117,7 +117,7 @@ class LongformerPreTrainedModel(nn.Module):
     def from_pretrained(cls, directory: str, **config_overrides):
         """Load an HF-format checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
 
-        config_overrides replace config fields, e.g. num_labels=3 or attn_implementation="chunked".
+        config_overrides replace config fields, e.g. num_labels=3 or attention_backend="chunked".
         """
         from .checkpoint import load_pretrained
         return load_pretrained(cls, directory, **config_overrides)

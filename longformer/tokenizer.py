@@ -10,7 +10,8 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 def roberta_post_processing(tokenizer: Tokenizer):
     """<s> text </s> (and <s> a </s></s> b </s> for pairs), as RoBERTa was trained."""
     tokenizer.post_processor = processors.RobertaProcessing(
-        sep=("</s>", tokenizer.token_to_id("</s>")), cls=("<s>", tokenizer.token_to_id("<s>")), trim_offsets=True)
+        ("</s>", tokenizer.token_to_id("</s>")), ("<s>", tokenizer.token_to_id("<s>")), trim_offsets=True,
+        add_prefix_space=False)
 
 
 def load_tokenizer(directory: str) -> Tokenizer:

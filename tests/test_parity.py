@@ -34,7 +34,7 @@ def run(model, cls_name, ids, am, gm, labels_seed=2):
 def test_outputs_and_gradients_match_hf(tmp_path, cls, case, implementation):
     cls_name = HEADS[cls]
     hf = save_hf(cls_name, tmp_path)
-    ours = load_ours(cls, tmp_path, attn_implementation=implementation)
+    ours = load_ours(cls, tmp_path, attention_backend=implementation)
     if case == "mixed":  # lengths 13/9/6 (no multiple of windows 4 and 8), 3/1/0 global tokens
         ids, am, gm = batch()
     elif case == "no_global":

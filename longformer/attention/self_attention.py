@@ -26,7 +26,7 @@ class LongformerSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.one_sided_window = config.attention_window[layer_id] // 2
         self.dropout = config.attention_probs_dropout_prob
-        self.implementation = config.attn_implementation
+        self.implementation = config.attention_backend
         self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.query_global, self.key_global, self.value_global = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
 

@@ -1,0 +1,79 @@
+"""The banded kernels equal the dense reference, for windows HF cannot run too."""
+import pytest
+import torch
+
+import longformer
+from longformer.kernels.banded import key_windows, window_mask
+
+
+def tiny(windows, **kw):
+    cfg = dict(vocab_size=50, hidden_size=24, num_hidden_layers=len(windows), num_attention_heads=3,
+               intermediate_size=48, attention_window=windows, max_position_embeddings=200, hidden_act="gelu",
+               attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    cfg.update(kw)
+    return longformer.LongformerConfig(**cfg)
+
+
+def forward_backward(model, ids, am, gm):
+    out = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def make_batch(B, L, seed, n_global):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (B, L), generator=g)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    lengths[0] = L
+    am = (torch.arange(L)[None] < lengths[:, None]).long()
+    gm = torch.zeros(B, L, dtype=torch.long)
+    for b in range(B):
+        gm[b, torch.randperm(int(lengths[b]), generator=g)[:n_global]] = 1
+    gm[-1] = 0  # one example without global tokens
+    ids[am == 0] = 1
+    return ids, am, gm
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "chunked"])
+@pytest.mark.parametrize("windows,L", [([2, 2], 7), ([2, 6, 10], 23), ([4, 6], 1), ([14, 4], 9), ([6, 8, 12], 40)])
+@pytest.mark.parametrize("n_global", [0, 1, 3])
+def test_kernels_match_dense_reference(windows, L, n_global, implementation):
+    torch.manual_seed(0)
+    ref = longformer.LongformerModel(tiny(windows, attention_backend="dense"))
+    fast = longformer.LongformerModel(tiny(windows, attention_backend=implementation))
+    fast.load_state_dict(ref.state_dict())
+    ids, am, gm = make_batch(3, L, seed=L + n_global, n_global=n_global)
+    y_ref, g_ref = forward_backward(ref, ids, am, gm)
+    y, g = forward_backward(fast, ids, am, gm)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    for name, grad in g_ref.items():
+        if grad is None:
+            assert g[name] is None, name
+            continue
+        assert (g[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-7, name
+
+
+def test_window_mask_is_the_band():
+    """Each query sees exactly the keys within ±w, in blocks of w against three key blocks."""
+    L, w = 11, 3
+    keep = torch.ones(1, L, dtype=torch.bool)
+    mask = window_mask(keep, w, torch.float32).view(-1, w, 3 * w) == 0  # [nc, w, 3w] allowed
+    pos = key_windows(torch.arange(L)[None] + 1, w)[0] - 1  # key positions per block, -1 = outside
+    for c in range(mask.shape[0]):
+        for a in range(w):
+            i = c * w + a
+            seen = sorted(int(p) for p, ok in zip(pos[c], mask[c, a]) if ok and p >= 0)
+            assert seen == [j for j in range(L) if abs(i - j) <= w], (i, seen)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "chunked"])
+def test_memory_is_linear_in_length(implementation):
+    """No L x L buffer: the largest tensor autograd keeps grows linearly with L (4x length, 4x size)."""
+    model = longformer.LongformerModel(tiny([8], attention_backend=implementation, max_position_embeddings=1100))
+    largest = []
+    for L in (256, 1024):
+        sizes = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model(torch.randint(3, 50, (1, L)), global_attention_mask=(torch.arange(L) < 2)[None].long())
+        largest.append(max(sizes))
+    assert largest[1] <= 4 * largest[0]
