@@ -46,8 +46,7 @@ class LongformerSelfAttention(nn.Module):
             out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob,
                                            dropout_p, use_sdpa)
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
-            out_g = global_query_attention(q_g, split(self.key_global(x)), split(self.value_global(x)),
-                                           masks.keep, dropout_p, use_sdpa)
+            out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.keep, dropout_p)
             out = masks.scatter_global(out, out_g)
         else:
             out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), dropout_p=dropout_p,

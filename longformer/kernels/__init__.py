@@ -1,4 +1,5 @@
-"""The fast ops behind the attention: banded sliding-window attention and dense global attention."""
-from .banded import global_query_attention, sliding_window_attention, window_mask
+"""The fast ops behind the attention: banded sliding-window attention and re-associated global attention."""
+from .banded import sliding_window_attention, window_mask
+from .global_attention import global_query_attention
 
 __all__ = ["global_query_attention", "sliding_window_attention", "window_mask"]

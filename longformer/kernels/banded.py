@@ -86,13 +86,3 @@ def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None
     vw = key_windows(v, w, v_global).flatten(0, 1).transpose(1, 2)
     out = attend(qb, kw, vw, mask, dropout_p, use_sdpa)  # [B*nc, H, w, D]
     return out.transpose(1, 2).reshape(B, nc * w, H, D)[:, :L]
-
-
-def global_query_attention(q_global, k, v, key_keep, dropout_p: float = 0.0, use_sdpa: bool = True):
-    """Global tokens attend to every real token. q_global [B, G, H, D]; k, v [B, L, H, D];
-    key_keep [B, L] bool. Returns [B, G, H, D]."""
-    mask = torch.zeros(key_keep.shape, dtype=q_global.dtype, device=q_global.device)
-    mask.masked_fill_(~key_keep, torch.finfo(q_global.dtype).min)
-    out = attend(q_global.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                 mask[:, None, None, :], dropout_p, use_sdpa)  # [B, H, G, D]
-    return out.transpose(1, 2)
