@@ -1,0 +1,361 @@
+"""One training loop for every script, in the spirit of nanoGPT's: torch.distributed (DDP), autocast,
+gradient accumulation, clipping, AdamW, linear warm-up and decay, evaluation reduced across ranks,
+rank-0 logging and atomic checkpoints that resume exactly.
+
+A task (masked LM, classification) supplies what differs: how a batch is made and what it is scored on.
+Launch one process with `python script.py`, or several with `python -m torch.distributed.run`.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .files import atomic_torch_save, atomic_write_text
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainArgs:
+    out: str
+    epochs: float = 1.0
+    max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` take
+    batch_size: int = 8  # examples per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup: float = 0.1  # fraction of the steps spent warming up
+    clip: float = 1.0  # gradient norm clip; 0 = off
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + GradScaler)
+    eval_every: int = 0  # steps; 0 = at the end of each epoch
+    log_every: int = 10
+    seed: int = 0
+    target: float = 0.0  # stop once the evaluation's target_metric reaches this (0 = never)
+    target_metric: str = "accuracy"
+    stop_after: int = 0  # end this invocation after this many steps, resumable with --resume (0 = never)
+
+
+class Task:
+    """What a training job supplies. A batch is a dict of tensors holding at least the model's inputs."""
+
+    def collate(self, examples: list, seed: int) -> dict:
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """How many things this batch predicts: the loss is a sum over them, divided by the global count."""
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Sums over the batch (loss, correct, count, ...), added up over batches and ranks."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+# -- distributed set-up -------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain `python` is one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+# -- output directory and checkpoints --------------------------------------------------------------
+
+def prepare_out(out: str, run: dict, resume: bool, overwrite: bool):
+    """Refuse to mix two runs in one directory: resuming needs the same settings, anything else a new dir."""
+    run_file = os.path.join(out, "run.json")
+    if resume:
+        if not os.path.isfile(run_file):
+            raise SystemExit(f"--resume: {out!r} holds no run to resume (no run.json)")
+        with open(run_file) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in run.items()
+                   if k not in ("resume", "overwrite", "stop_after") and saved.get(k) != v}
+        if changed:
+            raise SystemExit(f"--resume: these settings differ from the run in {out!r}: "
+                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise SystemExit(f"{out!r} already holds files (another run?): choose a new --out, continue it with "
+                             f"--resume, or replace it with --overwrite")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+
+
+def latest_checkpoint(out: str) -> str | None:
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out, "checkpoints", f.read().strip())
+
+
+def save_checkpoint(out, model, optimizer, scheduler, scaler, state, rng_states):
+    """checkpoints/step-N/ (HF model + trainer state), written under a temporary name and renamed, then the
+    `latest` pointer is swapped: a crash at any moment leaves the previous checkpoint intact and pointed to."""
+    name = f"step-{state['step']}"
+    root = os.path.join(out, "checkpoints")
+    tmp = os.path.join(root, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    atomic_torch_save(os.path.join(tmp, "trainer_state.pt"), {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "state": state, "rng": rng_states})
+    final = os.path.join(root, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    previous = latest_checkpoint(out)
+    atomic_write_text(os.path.join(root, "latest"), name)
+    if previous and os.path.abspath(previous) != os.path.abspath(final):
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_checkpoint(path):
+    """The trainer state and HF state dict of a checkpoint, or a clear error if it is damaged."""
+    from .checkpoint import read_state_dict
+    try:
+        trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        weights = read_state_dict(path)
+    except Exception as e:  # truncated zip, bad safetensors header, missing file
+        raise SystemExit(f"checkpoint {path!r} is damaged or incomplete ({type(e).__name__}: {e}). Delete it and "
+                         f"point checkpoints/latest at an earlier one, or start again with --overwrite") from e
+    return trainer, weights
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -- optimisation ----------------------------------------------------------------------------------
+
+def make_optimizer(model, args: TrainArgs):
+    """AdamW; biases and LayerNorm weights are not decayed."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    no_decay |= {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def out_of_memory_hint(args: TrainArgs, seq_len) -> str:
+    return (f"a batch of {args.batch_size} x {seq_len} tokens does not fit in memory: lower --batch-size "
+            f"(and raise --grad-accum by the same factor to keep the global batch), add --gradient-checkpointing, "
+            f"or train with --precision bf16")
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, resume=False, overwrite=False):
+    """Train model on train_set (a sequence of examples), evaluating on val_set. Returns the last metrics."""
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    if master:
+        prepare_out(args.out, run, resume, overwrite)
+    barrier(world)
+    torch.manual_seed(args.seed + rank)
+    model.to(device)
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = len(train_set) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training set has {len(train_set)} examples, fewer than one global batch "
+                         f"({args.batch_size} x {args.grad_accum} accumulation x {world} processes)")
+    if len(val_set) < world:
+        raise SystemExit(f"the validation set has {len(val_set)} examples, fewer than the {world} processes")
+    total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model, args)
+    scheduler = linear_schedule(optimizer, int(args.warmup * total), total)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
+    state = {"step": 0, "epoch": 0, "samples": 0, "tokens": 0, "train_time": 0.0}
+
+    ckpt = latest_checkpoint(args.out) if resume else None
+    if ckpt:
+        from .checkpoint import load_state_dict_hf
+        saved, weights = load_checkpoint(ckpt)
+        load_state_dict_hf(model, weights)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        set_rng_state(saved["rng"][rank])
+    ddp = DDP(model, find_unused_parameters=True) if world > 1 else model  # global projections idle without global tokens
+
+    def log(record):
+        if master:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate():
+        model.eval()
+        sums = {}
+        with torch.no_grad(), autocast:
+            for start in range(rank * args.batch_size, len(val_set), world * args.batch_size):
+                idx = list(range(start, min(start + args.batch_size, len(val_set))))
+                batch = to_device(task.collate([val_set[i] for i in idx], seed=args.seed), device)
+                for k, v in task.eval_sums(model, batch).items():
+                    sums[k] = sums.get(k, 0) + v.double()
+        keys = sorted(sums) if sums else []
+        packed = all_sum(torch.stack([sums[k] for k in keys]).to(device) if keys else torch.zeros(0, device=device), world)
+        model.train()
+        return task.metrics({k: float(v) for k, v in zip(keys, packed.cpu())})
+
+    def checkpoint():
+        saved_at[0] = state["step"]
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            save_checkpoint(args.out, model, optimizer, scheduler, scaler, state, rngs)
+        barrier(world)
+
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], disable=not master, dynamic_ncols=True, unit="step")
+    metrics, stop, done_here, saved_at = {}, False, 0, [state["step"]]
+    window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+    while state["step"] < total and not stop:
+        epoch, in_epoch = divmod(state["step"], steps_per_epoch)
+        order = epoch_order(len(train_set), args.seed, epoch)
+        first = order[in_epoch * global_batch:(in_epoch + 1) * global_batch]
+        micro = [first[(i * world + rank) * args.batch_size:(i * world + rank + 1) * args.batch_size]
+                 for i in range(args.grad_accum)]
+        t0 = time.perf_counter()
+        batches = [to_device(task.collate([train_set[int(i)] for i in m], seed=args.seed * 7919 + epoch), device)
+                   for m in micro]
+        n_global = all_sum(sum(task.count(b) for b in batches).to(device, torch.float64), world)
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        try:
+            for i, batch in enumerate(batches):
+                sync = nullcontext() if world == 1 or i == len(batches) - 1 else ddp.no_sync()
+                with sync:
+                    with autocast:
+                        loss_sum = task.loss_sum(ddp, batch)
+                    # DDP averages gradients over ranks; scaling by world makes the result sum/global count.
+                    scaler.scale(loss_sum * (world / n_global.float())).backward()
+                step_loss += loss_sum.detach().double()
+        except torch.OutOfMemoryError as e:
+            raise SystemExit(out_of_memory_hint(args, batches[0]["input_ids"].shape[1])) from e
+        scaler.unscale_(optimizer)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        state["train_time"] += time.perf_counter() - t0
+        n_tokens = all_sum(torch.tensor(float(sum(task.tokens(b) for b in batches)), device=device), world)
+        state["step"] += 1
+        state["samples"] += global_batch
+        state["tokens"] += int(n_tokens)
+        window_tokens += int(n_tokens)
+        window_loss.append(float(all_sum(step_loss, world) / n_global))
+        done_here += 1
+        bar.update(1)
+
+        if state["step"] % args.log_every == 0 or state["step"] == total:
+            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            loss = sum(window_loss) / len(window_loss)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
+            log({"step": state["step"], "epoch": state["step"] / steps_per_epoch, "loss": loss,
+                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s})
+            window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+
+        epoch_end = state["step"] % steps_per_epoch == 0
+        if (args.eval_every and state["step"] % args.eval_every == 0) or (not args.eval_every and epoch_end) \
+                or state["step"] == total:
+            metrics = evaluate()
+            if master:
+                bar.write(f"step {state['step']} (epoch {state['step'] / steps_per_epoch:.2f}): "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log({"step": state["step"], "epoch": state["step"] / steps_per_epoch,
+                 **{f"eval_{k}": v for k, v in metrics.items()}})
+            if args.target and metrics.get(args.target_metric, -math.inf) >= args.target:
+                if master:
+                    bar.write(f"reached {args.target_metric} {metrics[args.target_metric]:.4f} >= {args.target}")
+                stop = True
+            checkpoint()
+            window_start = time.perf_counter()
+        if args.stop_after and done_here >= args.stop_after and not stop and state["step"] < total:
+            if saved_at[0] != state["step"]:
+                checkpoint()
+            if master:
+                bar.write(f"stopped after {done_here} steps; continue with --resume")
+            bar.close()
+            return metrics
+    bar.close()
+    summary = {"samples_per_s": state["samples"] / max(state["train_time"], 1e-9),
+               "tokens_per_s": state["tokens"] / max(state["train_time"], 1e-9),
+               "steps": state["step"], "train_time_s": state["train_time"]}
+    if master:
+        model.save_pretrained(args.out)
+        print(f"done: {summary['steps']} steps, {summary['samples_per_s']:.2f} samples/s, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s; model in {args.out}")
+    log({"summary": summary, **{f"final_{k}": v for k, v in metrics.items()}})
+    barrier(world)
+    return metrics
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

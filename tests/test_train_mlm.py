@@ -1,0 +1,205 @@
+"""train_mlm.py and the shared loop: data readers, masking, 2-process equivalence, exact resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import ByteLevelBPETokenizer
+
+import longformer
+from longformer.data import BlockDataset, mask_tokens, read_documents, read_npz_pair
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the a long document model window token global attention reads writes learns sees each every".split()
+
+
+def make_text(n_docs, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(30, 80)))) + "." for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A folder of essays, a tokenizer trained on them and a tiny config without dropout."""
+    root = tmp_path_factory.mktemp("mlm")
+    (root / "essays").mkdir()
+    for i, doc in enumerate(make_text(40)):
+        (root / "essays" / f"{i:03d}.txt").write_text(doc)
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(make_text(40), vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            show_progress=False)
+    (root / "tok").mkdir()
+    tok.save_model(str(root / "tok"))
+    config = longformer.LongformerConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32, attention_window=8, max_position_embeddings=66,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config.save_pretrained(str(root / "cfg"))
+    return root
+
+
+def train_cmd(setup, out, *extra, launcher=None):
+    base = [sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(setup / "essays"), "--config",
+            str(setup / "cfg"), "--tokenizer", str(setup / "tok"), "--seq-len", "32", "--out", str(out),
+            "--cache-dir", str(setup / "cache"), "--lr", "1e-3", "--warmup", "0.2", "--val-fraction", "0.2",
+            "--log-every", "1", "--seed", "3", *extra]
+    return launcher + base[1:] if launcher else base  # torchrun takes the script, not the interpreter
+
+
+def run(cmd, ok=True):
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if ok:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def evals(out):
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    return [l for l in lines if "eval_loss" in l]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
+    run(train_cmd(setup, tmp_path / "one", "--batch-size", "4", "--max-steps", "3"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    run(train_cmd(setup, tmp_path / "two", "--batch-size", "2", "--max-steps", "3", launcher=launcher))
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-6, rtol=1e-5)
+    assert evals(tmp_path / "one")[-1]["eval_loss"] == pytest.approx(evals(tmp_path / "two")[-1]["eval_loss"], rel=1e-5)
+    torch.manual_seed(3)  # the run's own initialisation: training must have moved away from it
+    start = longformer.LongformerForMaskedLM(longformer.LongformerConfig.from_pretrained(str(setup / "cfg")))
+    assert (one["lm_head.dense.weight"] - start.lm_head.dense.weight.detach()).abs().max() > 1e-4
+
+
+def test_accumulation_equals_a_bigger_batch(setup, tmp_path):
+    run(train_cmd(setup, tmp_path / "big", "--batch-size", "4", "--max-steps", "2"))
+    run(train_cmd(setup, tmp_path / "acc", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2"))
+    big, acc = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for k in big:
+        torch.testing.assert_close(big[k], acc[k], atol=2e-6, rtol=1e-5)
+
+
+def test_resume_reaches_the_same_parameters_and_metrics(setup, tmp_path):
+    common = ("--batch-size", "2", "--max-steps", "8", "--eval-every", "2")
+    run(train_cmd(setup, tmp_path / "whole", *common))
+    first = run(train_cmd(setup, tmp_path / "split", *common, "--stop-after", "3"))
+    assert "continue with --resume" in first.stdout + first.stderr
+    assert not os.path.exists(tmp_path / "split" / "model.safetensors")
+    run(train_cmd(setup, tmp_path / "split", *common, "--resume"))
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    for k in whole:
+        torch.testing.assert_close(whole[k], split[k], atol=0, rtol=0)
+    assert [e["eval_loss"] for e in evals(tmp_path / "whole")] == [e["eval_loss"] for e in evals(tmp_path / "split")]
+    # the finished run is a checkpoint both libraries load
+    longformer.LongformerForMaskedLM.from_pretrained(str(tmp_path / "split"))
+    assert os.path.isfile(tmp_path / "split" / "vocab.json")
+
+
+def test_damaged_checkpoint_and_other_runs_are_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--stop-after", "2"))
+    latest = open(out / "checkpoints" / "latest").read().strip()
+    with open(out / "checkpoints" / latest / "trainer_state.pt", "r+b") as f:
+        f.truncate(100)
+    done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
+    assert done.returncode != 0 and "damaged or incomplete" in done.stderr
+    done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6"), ok=False)
+    assert done.returncode != 0 and "already holds files" in done.stderr and (out / "run.json").exists()
+    done = run(train_cmd(setup, out, "--batch-size", "3", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
+    assert "batch_size: 2 -> 3" in done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--data", "/nonexistent"), "does not exist"),
+    (("--lr", "abc"), "'abc' is not a number"),
+    (("--lr", "-1"), "-1 must be >= 0"),
+    (("--seq-len", "100"), "--seq-len 100 is longer than the model's position table (64 tokens)"),
+])
+def test_bad_input(setup, tmp_path, args, message):
+    done = run(train_cmd(setup, tmp_path / "bad", *args), ok=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "bad" / "run.json").exists() or message.startswith("-")
+
+
+def test_empty_data(setup, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("  \n")
+    done = run(train_cmd(setup, tmp_path / "o", "--data", str(tmp_path / "empty")), ok=False)
+    assert "holds no text" in done.stderr
+
+
+def test_out_of_memory_is_explained():
+    from longformer.trainer import Task, TrainArgs, train
+
+    class Exploding(Task):
+        def collate(self, examples, seed):
+            return {"input_ids": torch.zeros(len(examples), 8, dtype=torch.long),
+                    "attention_mask": torch.ones(len(examples), 8, dtype=torch.long)}
+
+        def count(self, batch):
+            return torch.tensor(1)
+
+        def loss_sum(self, model, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    import tempfile
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda d: None
+    data = BlockDataset(np.zeros((8, 8)))
+    with pytest.raises(SystemExit, match="lower --batch-size .* --grad-accum"):
+        train(model, Exploding(), data, data, TrainArgs(out=tempfile.mkdtemp() + "/o", batch_size=2), {})
+
+
+def test_masking_follows_80_10_10_and_spares_special_tokens():
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    ids = torch.randint(5, 1000, (n,))
+    maskable = torch.rand(n, generator=g) > 0.1  # 10% special or padding
+    masked, labels = mask_tokens(ids, maskable, g, mask_id=4, vocab_size=1000)
+    chosen = labels.ne(-100)
+    assert not chosen[~maskable].any() and torch.equal(masked[~maskable], ids[~maskable])
+    assert torch.equal(labels[chosen], ids[chosen])
+    frac = chosen.sum() / maskable.sum()
+    assert abs(frac - 0.15) < 0.005
+    n_chosen = chosen.sum()
+    to_mask = (masked[chosen] == 4).sum() / n_chosen
+    kept = (masked[chosen] == ids[chosen]).sum() / n_chosen
+    assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1 - 0.001) < 0.01  # random may hit the same id: ~1/1000
+    assert abs(1 - to_mask - kept - 0.1) < 0.01
+
+
+def test_readers(tmp_path):
+    (tmp_path / "wiki.txt").write_text(" = Title = \n\nFirst paragraph\nstill first.\n\n\n  \nSecond.\n")
+    assert read_documents(str(tmp_path / "wiki.txt")) == ["= Title =", "First paragraph\nstill first.", "Second."]
+    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert read_documents(str(tmp_path / "d.jsonl")) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "one"}\n')
+    with pytest.raises(SystemExit, match="no 'text' field"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "folder" / "sub").mkdir(parents=True)
+    (tmp_path / "folder" / "b.txt").write_text("bee")
+    (tmp_path / "folder" / "sub" / "a.txt").write_text("ay")
+    assert sorted(read_documents(str(tmp_path / "folder"))) == ["ay", "bee"]
+    (tmp_path / "nofiles").mkdir()
+    with pytest.raises(SystemExit, match="without .txt files"):
+        read_documents(str(tmp_path / "nofiles"))
+
+
+def test_flagperf_npz_pair(tmp_path):
+    ids = np.random.default_rng(0).integers(3, 100, (5, 16))
+    special = np.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    for name in ("train_dataset.npz", "eval_dataset.npz"):
+        np.savez(tmp_path / name, input_ids=ids, attention_mask=np.ones_like(ids), special_tokens_mask=special)
+    train, val = read_npz_pair(str(tmp_path))
+    assert len(train) == 5 and train.seq_len == 16 and train[2]["special_tokens_mask"][0] == 1
+    np.savez(tmp_path / "eval_dataset.npz", input_ids=ids)
+    with pytest.raises(SystemExit, match="lacks the arrays"):
+        read_npz_pair(str(tmp_path))

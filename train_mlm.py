@@ -1,0 +1,219 @@
+"""Masked-LM pretraining of a Longformer, on one process or many.
+
+    python train_mlm.py                                   # the embedded demo: no downloads, ~5 min on 2 CPU cores
+    python train_mlm.py --init CKPT --data essays/ --recipe feedback-prize-mlm
+    python -m torch.distributed.run --nproc_per_node 3 train_mlm.py --init CKPT --data essays/ --recipe feedback-prize-mlm
+    python train_mlm.py --config longformer-base/config.json --data wikitext2_npz/ --recipe flagperf
+
+Settings come from the built-in defaults, then the --recipe file (longformer/recipes/NAME.json), then the
+command line. The run's directory (--out) gets run.json, metrics.jsonl, resumable checkpoints and, at the
+end, the model in HF format with its tokenizer.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+import longformer
+from longformer.data import (BlockDataset, collate_mlm, pack_blocks, read_documents, read_npz_pair, split_documents,
+                             stdlib_documents, tokenize_documents)
+from longformer.trainer import Task, TrainArgs, train
+
+RECIPES = os.path.join(os.path.dirname(longformer.__file__), "recipes")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# The embedded demo: a small Longformer whose window (64) is a quarter of its sequence (256).
+DEMO = dict(seq_len=256, batch_size=16, lr=1e-3, warmup=0.05, weight_decay=0.01, max_steps=500, eval_every=50,
+            log_every=10, precision="fp32")
+DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                  attention_window=64, max_position_embeddings=258, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+
+
+class MLMTask(Task):
+    def __init__(self, mask_id: int, vocab_size: int, mask_prob: float):
+        self.mask_id, self.vocab_size, self.mask_prob = mask_id, vocab_size, mask_prob
+
+    def collate(self, examples, seed):
+        return collate_mlm(examples, seed, self.mask_id, self.vocab_size, self.mask_prob)
+
+    def count(self, batch):
+        return batch["labels"].ne(-100).sum()
+
+    def _scores(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                       logits_at_labels_only=True).logits  # [predicted tokens, vocab]
+        return logits.float(), batch["labels"][batch["labels"].ne(-100)]
+
+    def loss_sum(self, model, batch):
+        logits, target = self._scores(model, batch)
+        return F.cross_entropy(logits, target, reduction="sum")
+
+    def eval_sums(self, model, batch):
+        logits, target = self._scores(model, batch)
+        return {"loss": F.cross_entropy(logits, target, reduction="sum"),
+                "correct": (logits.argmax(-1) == target).sum(), "count": torch.tensor(len(target))}
+
+    def metrics(self, sums):
+        loss = sums["loss"] / max(sums["count"], 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": sums["correct"] / max(sums["count"], 1)}
+
+
+# -- argument checking --------------------------------------------------------------------------------
+
+def number(kind, low=None, strict=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if low is not None and (value < low or (strict and value == low)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        return value
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help=f"named settings: {', '.join(sorted(f[:-5] for f in os.listdir(RECIPES)))}")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="folder of .txt files, a text file (blank-line separated), a .jsonl, or a folder "
+                                  "with FlagPerf's train_dataset.npz/eval_dataset.npz (none: the embedded demo)")
+    g.add_argument("--val-data", help="validation documents (default: hold out --val-fraction of --data)")
+    g.add_argument("--val-fraction", type=number(float, 0, strict=True), default=0.05)
+    g.add_argument("--text-field", default="text", help="the .jsonl field holding the text")
+    g.add_argument("--seq-len", type=number(int, 1, False), default=1024)
+    g.add_argument("--mask-prob", type=number(float, 0, strict=True), default=0.15)
+    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "longformer"),
+                   help="where tokenized text is kept between runs")
+    g = p.add_argument_group("model")
+    g.add_argument("--init", help="HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
+    g.add_argument("--config", help="config.json (or its folder) for a randomly initialised model")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
+    g.add_argument("--attention-backend", default="auto", choices=longformer.config.ATTENTION_BACKENDS)
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", help="run directory (default: runs/mlm-DATE-TIME)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    defaults = TrainArgs(out="")
+    for f in dataclasses.fields(TrainArgs):
+        if f.name == "out":
+            continue
+        value = getattr(defaults, f.name)
+        kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
+        choices = list(longformer.trainer.PRECISIONS) if f.name == "precision" else None
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value, choices=choices)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.recipe:
+        path = os.path.join(RECIPES, f"{first.recipe}.json")
+        if not os.path.isfile(path):
+            parser.error(f"unknown --recipe {first.recipe!r}; known: {', '.join(sorted(f[:-5] for f in os.listdir(RECIPES)))}")
+        recipe = {k: v for k, v in json.load(open(path)).items() if not k.startswith("_")}
+        parser.set_defaults(**recipe)
+    elif not first.data:
+        parser.set_defaults(**DEMO)
+    args = parser.parse_args(argv)
+    if args.init and args.config:
+        parser.error("give --init (a checkpoint) or --config (random initialisation), not both")
+    if args.data and not (args.init or args.config):
+        parser.error("--data needs a model: --init CHECKPOINT or --config CONFIG")
+    args.out = args.out or os.path.join("runs", time.strftime("mlm-%Y%m%d-%H%M%S"))
+    return args
+
+
+# -- building the run ------------------------------------------------------------------------------
+
+def demo_tokenizer(docs, cache_dir):
+    """A byte-level BPE trained on the demo corpus (cached: the corpus is the same every time)."""
+    from tokenizers import ByteLevelBPETokenizer
+    key = f"{len(docs)}-{sum(len(d) for d in docs)}"
+    directory = os.path.join(cache_dir, f"demo-tokenizer-{key}")
+    if not os.path.isfile(os.path.join(directory, "vocab.json")):
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(docs, vocab_size=2048, min_frequency=2,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+        os.makedirs(directory, exist_ok=True)
+        bpe.save_model(directory)
+    return directory
+
+
+def build(args):
+    """(model, tokenizer folder or None, train set, validation set)."""
+    tokenizer_dir = args.tokenizer or args.init
+    if not args.data:
+        print("no --data: the embedded demo (Python's own docstrings, a small Longformer, window 64 < 256 tokens)")
+        docs = stdlib_documents()
+        tokenizer_dir = demo_tokenizer(docs, args.cache_dir)
+        vocab = longformer.load_tokenizer(tokenizer_dir).get_vocab_size()
+        config = longformer.LongformerConfig(vocab_size=vocab, **DEMO_MODEL)
+        model = longformer.LongformerForMaskedLM(config)
+    elif args.init:
+        model = longformer.LongformerForMaskedLM.from_pretrained(args.init)
+        config = model.config
+    else:
+        config = longformer.LongformerConfig.from_pretrained(args.config)
+        model = longformer.LongformerForMaskedLM(config)
+    config.attention_backend = args.attention_backend
+    config.gradient_checkpointing = args.gradient_checkpointing
+    if args.seq_len > config.max_length:
+        raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's position table "
+                         f"({config.max_length} tokens): lower it, or extend the model with python -m longformer.convert")
+
+    if args.data and os.path.isfile(os.path.join(args.data, "train_dataset.npz")):
+        train_set, val_set = read_npz_pair(args.data)
+        if train_set.seq_len != args.seq_len:
+            print(f"note: the .npz blocks are {train_set.seq_len} tokens; --seq-len {args.seq_len} does not apply")
+        if train_set.seq_len > config.max_length:
+            raise SystemExit(f"the .npz blocks ({train_set.seq_len} tokens) are longer than the model allows "
+                             f"({config.max_length})")
+        return model, tokenizer_dir, train_set, val_set
+    if tokenizer_dir is None:
+        raise SystemExit("text data needs a tokenizer: --tokenizer DIR (or --init a checkpoint that has one)")
+    tokenizer = longformer.load_tokenizer(tokenizer_dir)
+    if args.data:
+        docs = read_documents(args.data, args.text_field)
+    if args.val_data:
+        train_docs, val_docs = docs, read_documents(args.val_data, args.text_field)
+    else:
+        train_docs, val_docs = split_documents(docs, args.val_fraction, args.seed)
+    special = [tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
+    train_set = pack_blocks(tokenize_documents(train_docs, tokenizer, args.cache_dir), args.seq_len, special)
+    val_set = pack_blocks(tokenize_documents(val_docs, tokenizer, args.cache_dir), args.seq_len, special)
+    print(f"{len(train_docs)} training documents -> {len(train_set)} blocks of {args.seq_len} tokens; "
+          f"{len(val_docs)} validation documents -> {len(val_set)} blocks")
+    return model, tokenizer_dir, train_set, val_set
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)  # the same random initialisation on every rank and in every run
+    model, tokenizer_dir, train_set, val_set = build(args)
+    if tokenizer_dir:
+        tokenizer = longformer.load_tokenizer(tokenizer_dir)
+        mask_id = tokenizer.token_to_id("<mask>")
+    else:
+        mask_id = model.config.vocab_size - 1  # RoBERTa's <mask> is its last id
+        print(f"no tokenizer given: <mask> taken to be id {mask_id}, the vocabulary's last (as in RoBERTa)")
+    task = MLMTask(mask_id, model.config.vocab_size, args.mask_prob)
+    train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
+    run = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    train(model, task, train_set, val_set, train_args, run, resume=args.resume, overwrite=args.overwrite)
+    if tokenizer_dir and int(os.environ.get("RANK", 0)) == 0:
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(args.out, name))
+
+
+if __name__ == "__main__":
+    main()
