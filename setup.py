@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["longformer", "longformer.*"]),
+    package_data={"longformer": ["recipes/*.json"]},
     python_requires=">=3.11",
     install_requires=["torch>=2.4", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
-    extras_require={"test": ["transformers>=4.44", "pytest"], "plot": ["matplotlib"]},
+    extras_require={"test": ["transformers>=4.44", "pytest", "matplotlib"], "plot": ["matplotlib"]},
 )

@@ -28,8 +28,8 @@ from longformer.trainer import Task, TrainArgs, train
 RECIPES = os.path.join(os.path.dirname(longformer.__file__), "recipes")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # The embedded demo: a small Longformer whose window (64) is a quarter of its sequence (256).
-DEMO = dict(seq_len=256, batch_size=16, lr=1e-3, warmup=0.05, weight_decay=0.01, max_steps=500, eval_every=50,
-            log_every=10, precision="fp32")
+DEMO = dict(seq_len=256, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.05, weight_decay=0.01, max_steps=1000,
+            eval_every=100, log_every=10, precision="fp32")
 DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                   attention_window=64, max_position_embeddings=258, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)

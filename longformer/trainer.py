@@ -269,6 +269,11 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
             save_checkpoint(args.out, model, optimizer, scheduler, scaler, state, rngs)
         barrier(world)
 
+    if state["step"] == 0:  # where the run starts, so that progress has a baseline
+        metrics = evaluate()
+        if master:
+            print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in metrics.items()}})
     model.train()
     bar = tqdm(total=total, initial=state["step"], disable=not master, dynamic_ncols=True, unit="step")
     metrics, stop, done_here, saved_at = {}, False, 0, [state["step"]]

@@ -149,6 +149,12 @@ def test_out_of_memory_is_explained():
         def loss_sum(self, model, batch):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
+        def eval_sums(self, model, batch):
+            return {"count": torch.tensor(1.0)}
+
+        def metrics(self, sums):
+            return sums
+
     import tempfile
     model = torch.nn.Linear(2, 2)
     model.save_pretrained = lambda d: None
@@ -203,3 +209,14 @@ def test_flagperf_npz_pair(tmp_path):
     np.savez(tmp_path / "eval_dataset.npz", input_ids=ids)
     with pytest.raises(SystemExit, match="lacks the arrays"):
         read_npz_pair(str(tmp_path))
+
+
+def test_plot_draws_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    from longformer.plot import plot
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(0, 50, 10):
+            f.write(json.dumps({"step": step, "loss": 5 - step / 20, "lr": 1e-3, "tokens_per_s": 100.0}) + "\n")
+            f.write(json.dumps({"step": step, "eval_loss": 5 - step / 25, "eval_accuracy": step / 100}) + "\n")
+    out = plot(str(tmp_path))
+    assert out.endswith("curves.png") and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
