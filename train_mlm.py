@@ -10,29 +10,25 @@ command line. The run's directory (--out) gets run.json, metrics.jsonl, resumabl
 end, the model in HF format with its tokenizer.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
-import shutil
-import time
 
 import torch
 import torch.nn.functional as F
 
 import longformer
-from longformer.data import (BlockDataset, collate_mlm, pack_blocks, read_documents, read_npz_pair, split_documents,
-                             stdlib_documents, tokenize_documents)
-from longformer.trainer import Task, TrainArgs, train
+from longformer import demo
+from longformer.data import (collate_mlm, pack_blocks, read_documents, read_npz_pair, split_documents,
+                             tokenize_documents)
+from longformer.cli import add_training_arguments, number, run_settings, train_args
+from longformer.tokenizer import copy_tokenizer_files
+from longformer.trainer import Task, train
 
 RECIPES = os.path.join(os.path.dirname(longformer.__file__), "recipes")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-# The embedded demo: a small Longformer whose window (64) is a quarter of its sequence (256).
+# The embedded demo: a small Longformer (longformer/demo.py) whose window (64) is a quarter of its 256 tokens.
 DEMO = dict(seq_len=256, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.05, weight_decay=0.01, max_steps=1000,
             eval_every=100, log_every=10, precision="fp32")
-DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                  attention_window=64, max_position_embeddings=258, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
 
 
 class MLMTask(Task):
@@ -60,23 +56,12 @@ class MLMTask(Task):
                 "correct": (logits.argmax(-1) == target).sum(), "count": torch.tensor(len(target))}
 
     def metrics(self, sums):
-        loss = sums["loss"] / max(sums["count"], 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": sums["correct"] / max(sums["count"], 1)}
+        count = max(float(sums["count"]), 1.0)
+        loss = float(sums["loss"]) / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": float(sums["correct"]) / count}
 
 
-# -- argument checking --------------------------------------------------------------------------------
-
-def number(kind, low=None, strict=False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if low is not None and (value < low or (strict and value == low)):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
-        return value
-    return parse
-
+# -- arguments ------------------------------------------------------------------------------------
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,20 +80,7 @@ def build_parser():
     g.add_argument("--init", help="HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
     g.add_argument("--config", help="config.json (or its folder) for a randomly initialised model")
     g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
-    g.add_argument("--attention-backend", default="auto", choices=longformer.config.ATTENTION_BACKENDS)
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    g = p.add_argument_group("training")
-    g.add_argument("--out", help="run directory (default: runs/mlm-DATE-TIME)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
-    defaults = TrainArgs(out="")
-    for f in dataclasses.fields(TrainArgs):
-        if f.name == "out":
-            continue
-        value = getattr(defaults, f.name)
-        kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
-        choices = list(longformer.trainer.PRECISIONS) if f.name == "precision" else None
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value, choices=choices)
+    add_training_arguments(p)
     return p
 
 
@@ -128,35 +100,19 @@ def parse_args(argv=None):
         parser.error("give --init (a checkpoint) or --config (random initialisation), not both")
     if args.data and not (args.init or args.config):
         parser.error("--data needs a model: --init CHECKPOINT or --config CONFIG")
-    args.out = args.out or os.path.join("runs", time.strftime("mlm-%Y%m%d-%H%M%S"))
     return args
 
 
 # -- building the run ------------------------------------------------------------------------------
-
-def demo_tokenizer(docs, cache_dir):
-    """A byte-level BPE trained on the demo corpus (cached: the corpus is the same every time)."""
-    from tokenizers import ByteLevelBPETokenizer
-    key = f"{len(docs)}-{sum(len(d) for d in docs)}"
-    directory = os.path.join(cache_dir, f"demo-tokenizer-{key}")
-    if not os.path.isfile(os.path.join(directory, "vocab.json")):
-        bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(docs, vocab_size=2048, min_frequency=2,
-                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-        os.makedirs(directory, exist_ok=True)
-        bpe.save_model(directory)
-    return directory
-
 
 def build(args):
     """(model, tokenizer folder or None, train set, validation set)."""
     tokenizer_dir = args.tokenizer or args.init
     if not args.data:
         print("no --data: the embedded demo (Python's own docstrings, a small Longformer, window 64 < 256 tokens)")
-        docs = stdlib_documents()
-        tokenizer_dir = demo_tokenizer(docs, args.cache_dir)
-        vocab = longformer.load_tokenizer(tokenizer_dir).get_vocab_size()
-        config = longformer.LongformerConfig(vocab_size=vocab, **DEMO_MODEL)
+        docs = demo.corpus()
+        tokenizer_dir = demo.demo_tokenizer(docs, args.cache_dir)
+        config = demo.demo_config(longformer.load_tokenizer(tokenizer_dir).get_vocab_size(), args.seq_len)
         model = longformer.LongformerForMaskedLM(config)
     elif args.init:
         model = longformer.LongformerForMaskedLM.from_pretrained(args.init)
@@ -206,13 +162,10 @@ def main(argv=None):
         mask_id = model.config.vocab_size - 1  # RoBERTa's <mask> is its last id
         print(f"no tokenizer given: <mask> taken to be id {mask_id}, the vocabulary's last (as in RoBERTa)")
     task = MLMTask(mask_id, model.config.vocab_size, args.mask_prob)
-    train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
-    run = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    train(model, task, train_set, val_set, train_args, run, resume=args.resume, overwrite=args.overwrite)
+    settings = train_args(args, "mlm")
+    train(model, task, train_set, val_set, settings, run_settings(args), resume=args.resume, overwrite=args.overwrite)
     if tokenizer_dir and int(os.environ.get("RANK", 0)) == 0:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(args.out, name))
+        copy_tokenizer_files(tokenizer_dir, args.out)
 
 
 if __name__ == "__main__":

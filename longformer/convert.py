@@ -7,7 +7,6 @@ existing Longformer to a longer maximum length (its positions are tiled the same
 import argparse
 import json
 import os
-import shutil
 
 import torch
 
@@ -15,9 +14,9 @@ from .checkpoint import canonical, load_state_dict_hf, read_state_dict
 from .config import LongformerConfig
 from .files import atomic_write_text
 from .model import LongformerForMaskedLM, LongformerModel
+from .tokenizer import copy_tokenizer_files
 
 SOURCE_TYPES = ("roberta", "longformer", "xlm-roberta", "camembert")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def tile_positions(table: torch.Tensor, pad_token_id: int, rows: int) -> torch.Tensor:
@@ -68,9 +67,7 @@ def convert_roberta(src_dir: str, out_dir: str, max_positions: int = 4096, atten
     load_state_dict_hf(model, state)
     model.save_pretrained(out_dir)
 
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    copy_tokenizer_files(src_dir, out_dir)
     tok_config = os.path.join(out_dir, "tokenizer_config.json")
     if os.path.isfile(tok_config):
         with open(tok_config) as f:

@@ -175,3 +175,57 @@ def collate_mlm(examples: list[dict], seed: int, mask_id: int, vocab_size: int, 
         labels.append(l)
     return {"input_ids": torch.stack(ids), "labels": torch.stack(labels),
             "attention_mask": torch.stack([torch.as_tensor(ex["attention_mask"]) for ex in examples])}
+
+
+# -- labelled documents (classification) ------------------------------------------------------------
+
+def read_labelled(path: str, text_column: str = "text", label_column: str = "label",
+                  multi_label: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Texts and their labels from a .csv or .jsonl (columns named), or from a folder with one sub-folder per
+    class of .txt files (aclImdb's layout). Multi-label: a list in .jsonl, or labels joined by "|" or ","."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path!r} does not exist")
+    texts, labels, where = [], [], []
+    if os.path.isdir(path):
+        classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if not classes:
+            raise SystemExit(f"{path!r} has no class sub-folders (expected {path}/<label>/*.txt)")
+        for cls in classes:
+            for f in sorted(glob.glob(os.path.join(path, cls, "*.txt"))):
+                texts.append(open(f, encoding="utf-8", errors="replace").read())
+                labels.append([cls])
+                where.append(f)
+    else:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+        elif path.endswith(".csv"):
+            import csv
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(enumerate(csv.DictReader(f), 2))
+        else:
+            raise SystemExit(f"{path!r}: expected a .csv, a .jsonl, or a folder of class sub-folders")
+        for n, row in rows:
+            for column, what in ((text_column, "--text-column"), (label_column, "--label-column")):
+                if column not in row:
+                    raise SystemExit(f"{path}:{n}: no column {column!r} (set {what}); columns: {', '.join(row)}")
+            value = row[label_column]
+            if isinstance(value, list):
+                found = [str(v) for v in value]
+            elif multi_label:
+                found = [v.strip() for v in re.split(r"[|,]", str(value)) if v.strip()]
+            else:
+                found = [str(value).strip()]
+            texts.append(row[text_column] or "")
+            labels.append(found)
+            where.append(f"{path}:{n}")
+    for text, label, place in zip(texts, labels, where):
+        if not text.strip():
+            raise SystemExit(f"{place}: empty document")
+        if not label or not all(label):
+            raise SystemExit(f"{place}: no label")
+        if len(label) > 1 and not multi_label:
+            raise SystemExit(f"{place}: several labels {label}; pass --multi-label")
+    if not texts:
+        raise SystemExit(f"{path!r} holds no documents")
+    return texts, labels

@@ -1,10 +1,19 @@
 """RoBERTa's byte-level BPE tokenizer, through the `tokenizers` library."""
 import os
+import shutil
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(src: str, dst: str):
+    """Put the tokenizer beside a model, so that its folder is complete."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def roberta_post_processing(tokenizer: Tokenizer):

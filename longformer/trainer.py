@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,10 @@ class Task:
     def collate(self, examples: list, seed: int) -> dict:
         raise NotImplementedError
 
+    def collate_eval(self, examples: list, seed: int) -> dict:
+        """Validation batches; the same as training batches unless a task scores whole documents."""
+        return self.collate(examples, seed)
+
     def count(self, batch: dict) -> torch.Tensor:
         """How many things this batch predicts: the loss is a sum over them, divided by the global count."""
         raise NotImplementedError
@@ -60,7 +64,7 @@ class Task:
         raise NotImplementedError
 
     def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """Sums over the batch (loss, correct, count, ...), added up over batches and ranks."""
+        """Sums over the batch (loss, correct, count, per-class counts, ...), added up over batches and ranks."""
         raise NotImplementedError
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -249,14 +253,16 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         sums = {}
         with torch.no_grad(), autocast:
             for start in range(rank * args.batch_size, len(val_set), world * args.batch_size):
-                idx = list(range(start, min(start + args.batch_size, len(val_set))))
-                batch = to_device(task.collate([val_set[i] for i in idx], seed=args.seed), device)
+                idx = range(start, min(start + args.batch_size, len(val_set)))
+                batch = to_device(task.collate_eval([val_set[i] for i in idx], seed=args.seed), device)
                 for k, v in task.eval_sums(model, batch).items():
-                    sums[k] = sums.get(k, 0) + v.double()
-        keys = sorted(sums) if sums else []
-        packed = all_sum(torch.stack([sums[k] for k in keys]).to(device) if keys else torch.zeros(0, device=device), world)
+                    sums[k] = sums.get(k, 0) + v.detach().double().cpu()
+        # One all-reduce for everything: the sums flattened into one vector, then cut back into shape.
+        keys = sorted(sums)
+        flat = all_sum(torch.cat([sums[k].reshape(-1) for k in keys]).to(device), world).cpu()
+        totals = dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
         model.train()
-        return task.metrics({k: float(v) for k, v in zip(keys, packed.cpu())})
+        return task.metrics({k: v.reshape(sums[k].shape) for k, v in totals.items()})
 
     def checkpoint():
         saved_at[0] = state["step"]

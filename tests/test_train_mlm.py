@@ -153,7 +153,7 @@ def test_out_of_memory_is_explained():
             return {"count": torch.tensor(1.0)}
 
         def metrics(self, sums):
-            return sums
+            return {k: float(v) for k, v in sums.items()}
 
     import tempfile
     model = torch.nn.Linear(2, 2)

@@ -1,0 +1,49 @@
+"""What the training scripts share on the command line: checked numbers and the training loop's flags."""
+import argparse
+import dataclasses
+import os
+import time
+
+from .config import ATTENTION_BACKENDS
+from .trainer import PRECISIONS, TrainArgs
+
+
+def number(kind, low=None, strict=False):
+    """An argparse type: an int or float, at least (or, strict, above) low."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if low is not None and (value < low or (strict and value == low)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        return value
+    return parse
+
+
+def add_training_arguments(parser: argparse.ArgumentParser):
+    """--out/--resume/--overwrite, the model's run-time options, and every TrainArgs field as a flag."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--out", help="run directory (default: runs/NAME-DATE-TIME)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    defaults = TrainArgs(out="")
+    for f in dataclasses.fields(TrainArgs):
+        if f.name == "out":
+            continue
+        value = getattr(defaults, f.name)
+        kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
+                       choices=list(PRECISIONS) if f.name == "precision" else None)
+
+
+def train_args(args: argparse.Namespace, name: str) -> TrainArgs:
+    args.out = args.out or os.path.join("runs", time.strftime(f"{name}-%Y%m%d-%H%M%S"))
+    return TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What identifies a run (for run.json and --resume's check)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
