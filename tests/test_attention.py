@@ -91,3 +91,34 @@ def test_bf16_autocast_runs_and_stays_close(backend):
     assert out.logits.dtype == torch.bfloat16
     torch.testing.assert_close(out.logits.float(), ref.logits, atol=0.1, rtol=0.05)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = tiny([4, 6])
+    plain, ckpt = longformer.LongformerModel(cfg), longformer.LongformerModel(tiny([4, 6]))
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.gradient_checkpointing_enable()
+    ids, am, gm = make_batch(2, 17, seed=5, n_global=2)
+    y0, g0 = forward_backward(plain, ids, am, gm)
+    y1, g1 = forward_backward(ckpt, ids, am, gm)
+    torch.testing.assert_close(y1, y0)
+    for name, grad in g0.items():
+        if grad is not None:
+            torch.testing.assert_close(g1[name], grad)
+
+
+def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
+    import torch._dynamo
+    torch.manual_seed(0)
+    model = longformer.LongformerForMaskedLM(tiny([4, 8])).eval()
+    ids = torch.randint(3, 50, (2, 19))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
+    explained = torch._dynamo.explain(model)(ids, labels=labels)
+    assert explained.graph_break_count == 0, explained.break_reasons  # masked-LM training: one graph
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    gm = torch.zeros_like(ids)
+    gm[0, [0, 7]] = 1  # with global tokens: one break, where their count is read
+    torch.testing.assert_close(compiled(ids, global_attention_mask=gm).logits,
+                               model(ids, global_attention_mask=gm).logits, atol=1e-5, rtol=0)

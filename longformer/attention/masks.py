@@ -8,16 +8,22 @@ class AttentionMasks:
     """keep [B, L] bool: real tokens (False = padding). is_global [B, L] bool: tokens with global attention.
 
     Global tokens are gathered into G slots per example (G = the most any example has; the one host sync
-    that global attention needs, taken once per forward rather than once per layer).
+    that global attention needs, taken once per forward rather than once per layer, and not at all when
+    no global_attention_mask is given).
     """
 
-    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor):
+    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None):
         self.keep = keep
-        self.is_global = is_global & keep  # a padding token is never global
-        self.local_keys = keep & ~self.is_global
-        counts = self.is_global.sum(dim=1)  # [B]
-        self.num_global = int(counts.max())
         L = keep.shape[1]
+        if is_global is None:  # no global tokens: nothing to count, no host sync (torch.compile sees one graph)
+            self.is_global = torch.zeros_like(keep)
+            self.num_global = 0
+            counts = torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
+        else:
+            self.is_global = is_global & keep  # a padding token is never global
+            counts = self.is_global.sum(dim=1)  # [B]
+            self.num_global = int(counts.max())
+        self.local_keys = keep & ~self.is_global
         # Slots in position order: global tokens score higher than the rest, earlier ones a little higher.
         position = torch.arange(L, device=keep.device)
         score = self.is_global.long() * L - position
