@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import longformer
 from longformer import demo, feedback
-from longformer.cli import add_training_arguments, number, run_settings, train_args
+from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.data import read_labelled
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.trainer import Task, setup_distributed, to_device, train
@@ -235,10 +235,7 @@ def build_parser():
     g.add_argument("--predict", help="texts to label after training (same forms; for the token task a folder of "
                                      "<id>.txt essays)")
     g.add_argument("--predictions", help="where --predict writes (default: OUT/predictions.csv or OUT/submission.csv)")
-    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "longformer"))
-    g = p.add_argument_group("model")
-    g.add_argument("--init", help="HF-format checkpoint (allenai/longformer-base-4096, a train_mlm.py run, ...)")
-    g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
+    add_model_arguments(p, "HF-format checkpoint (allenai/longformer-base-4096, a train_mlm.py run, ...)")
     add_training_arguments(p)
     return p
 

@@ -21,7 +21,7 @@ import longformer
 from longformer import demo
 from longformer.data import (collate_mlm, pack_blocks, read_documents, read_npz_pair, split_documents,
                              tokenize_documents)
-from longformer.cli import add_training_arguments, number, run_settings, train_args
+from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.trainer import Task, train
 
@@ -74,12 +74,8 @@ def build_parser():
     g.add_argument("--text-field", default="text", help="the .jsonl field holding the text")
     g.add_argument("--seq-len", type=number(int, 1, False), default=1024)
     g.add_argument("--mask-prob", type=number(float, 0, strict=True), default=0.15)
-    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "longformer"),
-                   help="where tokenized text is kept between runs")
-    g = p.add_argument_group("model")
-    g.add_argument("--init", help="HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
+    g = add_model_arguments(p, "HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
     g.add_argument("--config", help="config.json (or its folder) for a randomly initialised model")
-    g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
     add_training_arguments(p)
     return p
 

@@ -68,9 +68,10 @@ def worker(impl, L, batch, dtype, mode, repeats, device):
         cfg = transformers.LongformerConfig(**BASE, max_position_embeddings=L + 2)
         model = (transformers.LongformerForMaskedLM(cfg) if mode == "train"
                  else transformers.LongformerModel(cfg, add_pooling_layer=False))
-    else:
+    else:  # "ours", or "ours+ckpt": with gradient checkpointing
         import longformer
-        cfg = longformer.LongformerConfig(**BASE, max_position_embeddings=L + 2)
+        cfg = longformer.LongformerConfig(**BASE, max_position_embeddings=L + 2,
+                                          gradient_checkpointing=impl == "ours+ckpt")
         model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
                  else longformer.LongformerModel(cfg, add_pooling_layer=False))
     model.to(device).train(mode == "train")
@@ -126,15 +127,20 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
+                   help="ours+ckpt (gradient checkpointing) runs for training steps only")
     p.add_argument("--hf-max-train-length", type=int, default=None,
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
     p.add_argument("--flagperf", action="store_true", help="add FlagPerf's setting: batch 16 x 1024 tokens, fp32")
     p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--plot", metavar="RESULTS_JSON", help="only draw RESULTS_JSON's rows to a PNG beside it")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         impl, L, batch, dtype, mode, repeats, device = args.worker
         return worker(impl, int(L), int(batch), dtype, mode, int(repeats), device)
+    if args.plot:
+        return print(f"wrote {plot(args.plot)}")
 
     hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else 1 << 30)
     speed = {d: matmul_speed(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d])
@@ -150,12 +156,14 @@ def main():
                                if line.startswith("model name")), None) if os.path.exists("/proc/cpuinfo") else None}
     rows = []
     print(f"# {meta}")
-    header = f"{'mode':8} {'dtype':5} {'batch x L':>10} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | " \
+    header = f"{'mode':8} {'dtype':5} {'batch x L':>10} {'variant':>9} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | " \
              f"{'HF GB':>6} {'ours GB':>7} {'mem':>5} | {'ours tok/s':>10} {'HF MFU':>6} {'our MFU':>7}"
     print(header)
     for L, batch, dtype, mode in configs:
         row = {"length": L, "batch": batch, "dtype": dtype, "mode": mode}
-        for impl in ("hf", "ours"):
+        for impl in args.impls:
+            if impl == "ours+ckpt" and mode != "train":
+                continue
             if impl == "hf" and mode == "train" and L > hf_max_train:
                 row[impl] = {"error": f"not run: over --hf-max-train-length {hf_max_train}"}
                 continue
@@ -163,19 +171,65 @@ def main():
             if "median_s" in row[impl]:
                 row[impl]["mfu"] = model_flops(L, batch, mode) / row[impl]["median_s"] / speed[dtype]
         rows.append(row)
-        hf, ours = row["hf"], row["ours"]
-        fmt = lambda r, k, f: f(r[k]) if k in r else "-"  # noqa: E731
-        ratio = f"{hf['median_s'] / ours['median_s']:.2f}x" if "median_s" in hf and "median_s" in ours else "-"
-        mem = f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if "peak_bytes" in hf and "peak_bytes" in ours else "-"
-        print(f"{mode:8} {dtype:5} {f'{batch}x{L}':>10} | {fmt(hf, 'median_s', '{:.2f}'.format):>7} "
-              f"{fmt(ours, 'median_s', '{:.2f}'.format):>7} {ratio:>8} | "
-              f"{fmt(hf, 'peak_bytes', lambda b: f'{b / 2**30:.1f}'):>6} {fmt(ours, 'peak_bytes', lambda b: f'{b / 2**30:.1f}'):>7} "
-              f"{mem:>5} | {fmt(ours, 'median_s', lambda s: f'{batch * L / s:.0f}'):>10} "
-              f"{fmt(hf, 'mfu', '{:.0%}'.format):>6} {fmt(ours, 'mfu', '{:.0%}'.format):>7}"
-              + (f"   HF: {hf['error']}" if "error" in hf else "") + (f"   ours: {ours['error']}" if "error" in ours else ""),
-              flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(args.out, "w") as f:  # after every row, so that an interrupted run keeps what it measured
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        for name in args.impls:
+            if name != "hf" and name in row:
+                print(table_line(row, name), flush=True)
+    try:
+        print(f"wrote {plot(args.out)}")
+    except ImportError:
+        print("(pip install matplotlib for a plot of these results)")
+
+
+def table_line(row, name):
+    """One printed row: HF against one of our variants."""
+    hf, ours, L, batch = row.get("hf", {}), row[name], row["length"], row["batch"]
+    fmt = lambda r, k, f: f(r[k]) if k in r else "-"  # noqa: E731
+    gb = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
+    ratio = f"{hf['median_s'] / ours['median_s']:.2f}x" if "median_s" in hf and "median_s" in ours else "-"
+    mem = f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if "peak_bytes" in hf and "peak_bytes" in ours else "-"
+    return (f"{row['mode']:8} {row['dtype']:5} {f'{batch}x{L}':>10} {name:>9} | {fmt(hf, 'median_s', '{:.2f}'.format):>7} "
+            f"{fmt(ours, 'median_s', '{:.2f}'.format):>7} {ratio:>8} | {fmt(hf, 'peak_bytes', gb):>6} "
+            f"{fmt(ours, 'peak_bytes', gb):>7} {mem:>5} | {fmt(ours, 'median_s', lambda s: f'{batch * L / s:.0f}'):>10} "
+            f"{fmt(hf, 'mfu', '{:.0%}'.format):>6} {fmt(ours, 'mfu', '{:.0%}'.format):>7}"
+            + (f"   HF: {hf['error']}" if "error" in hf else "") + (f"   ours: {ours['error']}" if "error" in ours else ""))
+
+
+def plot(results_json: str) -> str:
+    """Time per token and peak memory against length, HF and ours, per mode and dtype."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(results_json) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if r["batch"] == 1]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, style in (("forward", "-"), ("train", "--")):
+        for dtype, marker in (("fp32", "o"), ("bf16", "s")):
+            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue")):
+                pts = [(r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
+                       and "median_s" in r.get(impl, {})]
+                if not pts:
+                    continue
+                label = f"{'HF' if impl == 'hf' else 'ours'} {mode} {dtype}"
+                ax_t.plot([L for L, _ in pts], [1e3 * v["median_s"] / L for L, v in pts], style, marker=marker,
+                          color=color, label=label)
+                ax_m.plot([L for L, _ in pts], [v["peak_bytes"] / 2**30 for _, v in pts], style, marker=marker,
+                          color=color, label=label)
+    for ax, ylabel in ((ax_t, "ms per token"), (ax_m, "peak memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens (batch 1)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_m.legend(fontsize=7, ncol=2)
+    meta = data["meta"]
+    fig.suptitle(f"longformer-base on {meta.get('gpu') or meta.get('cpu_model')} ({meta['device']}, "
+                 f"{meta['threads']} threads), torch {meta['torch']}, transformers {meta['transformers']}")
+    fig.tight_layout()
+    out = os.path.splitext(results_json)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ def number(kind, low=None, strict=False):
     return parse
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, init_help: str):
+    """--init, --tokenizer and --cache-dir; returns the group, for a script's own model options."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--init", help=init_help)
+    g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
+    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "longformer"),
+                   help="where tokenized text and the demo tokenizer are kept between runs")
+    return g
+
+
 def add_training_arguments(parser: argparse.ArgumentParser):
     """--out/--resume/--overwrite, the model's run-time options, and every TrainArgs field as a flag."""
     g = parser.add_argument_group("training")

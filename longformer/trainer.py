@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .files import atomic_torch_save, atomic_write_text
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir")
 
 
 @dataclass
@@ -111,8 +112,8 @@ def prepare_out(out: str, run: dict, resume: bool, overwrite: bool):
             raise SystemExit(f"--resume: {out!r} holds no run to resume (no run.json)")
         with open(run_file) as f:
             saved = json.load(f)
-        changed = {k: (saved.get(k), v) for k, v in run.items()
-                   if k not in ("resume", "overwrite", "stop_after") and saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in run.items()  # settings that do not change the training may
+                   if k not in RESUME_MAY_CHANGE and saved.get(k) != v}  # differ
         if changed:
             raise SystemExit(f"--resume: these settings differ from the run in {out!r}: "
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
@@ -229,7 +230,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     scheduler = linear_schedule(optimizer, int(args.warmup * total), total)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
-    state = {"step": 0, "epoch": 0, "samples": 0, "tokens": 0, "train_time": 0.0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "train_time": 0.0}
 
     ckpt = latest_checkpoint(args.out) if resume else None
     if ckpt:
@@ -242,6 +243,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         state = saved["state"]
         set_rng_state(saved["rng"][rank])
     ddp = DDP(model, find_unused_parameters=True) if world > 1 else model  # global projections idle without global tokens
+    metrics, stop, done_here, saved_at = {}, False, 0, state["step"]
 
     def log(record):
         if master:
@@ -265,7 +267,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         return task.metrics({k: v.reshape(sums[k].shape) for k, v in totals.items()})
 
     def checkpoint():
-        saved_at[0] = state["step"]
+        nonlocal saved_at
+        saved_at = state["step"]
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -282,7 +285,6 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in metrics.items()}})
     model.train()
     bar = tqdm(total=total, initial=state["step"], disable=not master, dynamic_ncols=True, unit="step")
-    metrics, stop, done_here, saved_at = {}, False, 0, [state["step"]]
     window_tokens, window_start, window_loss = 0, time.perf_counter(), []
     while state["step"] < total and not stop:
         epoch, in_epoch = divmod(state["step"], steps_per_epoch)
@@ -293,7 +295,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         t0 = time.perf_counter()
         batches = [to_device(task.collate([train_set[int(i)] for i in m], seed=args.seed * 7919 + epoch), device)
                    for m in micro]
-        n_global = all_sum(sum(task.count(b) for b in batches).to(device, torch.float64), world)
+        n_global = all_sum(sum(task.count(b) for b in batches).to(device, torch.float64), world).clamp_min(1)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         try:
             for i, batch in enumerate(batches):
@@ -349,7 +351,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
             checkpoint()
             window_start = time.perf_counter()
         if args.stop_after and done_here >= args.stop_after and not stop and state["step"] < total:
-            if saved_at[0] != state["step"]:
+            if saved_at != state["step"]:
                 checkpoint()
             if master:
                 bar.write(f"stopped after {done_here} steps; continue with --resume")

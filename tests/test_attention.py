@@ -122,3 +122,39 @@ def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
     gm[0, [0, 7]] = 1  # with global tokens: one break, where their count is read
     torch.testing.assert_close(compiled(ids, global_attention_mask=gm).logits,
                                model(ids, global_attention_mask=gm).logits, atol=1e-5, rtol=0)
+
+
+def test_backend_can_be_switched_on_a_built_model(monkeypatch):
+    """The scripts set config.attention_backend after building the model: the layers must follow it."""
+    import longformer.attention.self_attention as sa
+    model = longformer.LongformerModel(tiny([4]))
+    called = []
+    monkeypatch.setattr(sa, "dense_attention", lambda *a: called.append(1) or sa.torch.zeros(1, 5, 24))
+    model.config.attention_backend = "dense"
+    model(torch.randint(3, 50, (1, 5)))
+    assert called
+
+
+def test_dropout_attention_gradients_and_no_dropout_equals_sdpa():
+    """The CPU dropout kernel: exact gradients (gradcheck, float64) and, keeping everything, plain attention."""
+    from longformer.kernels.banded import DropoutAttention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # 4 queries
+    k, v = (torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 6 keys
+    mask = torch.where(torch.rand(2, 1, 4, 6, generator=g) < 0.3, -1e9, 0.0).double()
+    keep = torch.rand(2, 3, 4, 6, generator=g) >= 0.25
+    assert torch.autograd.gradcheck(lambda a, b, c: DropoutAttention.apply(a, b, c, mask, keep, 0.25), (q, k, v))
+    everything = torch.ones(2, 3, 4, 6, dtype=torch.bool)
+    torch.testing.assert_close(DropoutAttention.apply(q, k, v, mask, everything, 0.0),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_attention_dropout_drops_at_the_configured_rate():
+    """Training with attention dropout: outputs vary between calls, and the expectation is kept."""
+    torch.manual_seed(0)
+    model = longformer.LongformerModel(tiny([4], attention_probs_dropout_prob=0.3)).train()
+    ids = torch.randint(3, 50, (1, 9))
+    a, b = model(ids).last_hidden_state, model(ids).last_hidden_state
+    assert not torch.allclose(a, b)
+    (a.sum()).backward()  # the dropout kernel's backward runs
+    assert model.layers[0].attn.query.weight.grad is not None

@@ -7,11 +7,6 @@ from .dense import dense_attention
 from .masks import AttentionMasks
 
 
-def resolve_implementation(name: str, device: torch.device) -> str:
-    """"auto" picks the fused SDPA kernel on every device; the others are forced choices."""
-    return "sdpa" if name == "auto" else name
-
-
 class LongformerSelfAttention(nn.Module):
     """Sliding-window attention (±w tokens, w = attention_window // 2) plus global attention.
 
@@ -26,29 +21,27 @@ class LongformerSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.one_sided_window = config.attention_window[layer_id] // 2
         self.dropout = config.attention_probs_dropout_prob
-        self.implementation = config.attention_backend
+        self.config = config  # read at each call: attention_backend may be changed on a built model
         self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.query_global, self.key_global, self.value_global = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         """x [B, L, C] -> [B, L, C]; padding positions get zeros."""
-        impl = resolve_implementation(self.implementation, x.device)
+        backend = self.config.attention_backend
         dropout_p = self.dropout if self.training else 0.0
-        if impl == "dense":
+        if backend == "dense":
             return dense_attention(x, self, masks, dropout_p)
-        use_sdpa = impl == "sdpa"
+        use_sdpa = backend in ("auto", "sdpa")  # auto: the fused kernel, the fastest on every device measured
         B, L, C = x.shape
         split = lambda t: t.view(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731  [B, n, C] -> [B, n, H, D]
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         w = self.one_sided_window
+        k_glob = v_glob = None
         if masks.num_global:
             k_glob, v_glob = masks.gather_global(k), masks.gather_global(v)  # [B, G, H, D]
-            out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob,
-                                           dropout_p, use_sdpa)
+        out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, use_sdpa)
+        if masks.num_global:
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
             out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.keep, dropout_p)
             out = masks.scatter_global(out, out_g)
-        else:
-            out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), dropout_p=dropout_p,
-                                           use_sdpa=use_sdpa)
         return (out * masks.keep[:, :, None, None]).reshape(B, L, C)

@@ -64,8 +64,44 @@ def window_mask(local_keys: torch.Tensor, w: int, dtype: torch.dtype,
     return mask.view(B * allowed.shape[1], 1, w, allowed.shape[-1])
 
 
+class DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v, for where no fused kernel takes dropout (CPU).
+
+    torch's unfused fallback would keep every block's scores, probabilities and dropout mask for the
+    backward pass. This keeps q, k, v and the mask of kept probabilities (bool), and recomputes the
+    probabilities in backward: near a fused kernel's memory, with one draw of random numbers. Scales are
+    applied to the small tensors (q, v, gradients) rather than to the [N, H, w, S] ones.
+    """
+
+    @staticmethod
+    def _probs(q, k, mask):
+        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2)).add_(mask)
+        return torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, keep, dropout_p: float):
+        ctx.save_for_backward(q, k, v, mask, keep)
+        ctx.scale = 1.0 / (1.0 - dropout_p)
+        return torch.matmul(DropoutAttention._probs(q, k, mask) * keep, v * ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, keep = ctx.saved_tensors
+        probs = DropoutAttention._probs(q, k, mask)
+        grad_out = grad_out * ctx.scale
+        grad_v = torch.matmul((probs * keep).transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).mul_(keep)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+        return (torch.matmul(grad_scores, k) * sm_scale, torch.matmul(grad_scores.transpose(-1, -2), q) * sm_scale,
+                grad_v, None, None, None)
+
+
 def attend(q, k, v, mask, dropout_p: float, use_sdpa: bool):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA, or explicit in fp32."""
+    if use_sdpa and dropout_p and q.device.type == "cpu":
+        keep = torch.rand(*q.shape[:-1], k.shape[-2], device=q.device) >= dropout_p  # [N, H, w, S]
+        return DropoutAttention.apply(q, k, v, mask, keep, dropout_p)
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])) + mask
