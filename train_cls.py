@@ -250,11 +250,12 @@ def parse_args(argv=None):
         p.error("--data needs --init: the checkpoint to fine-tune")
     if not args.data and args.init and not args.predict:
         p.error("--init without --data: give --predict to label texts with it, or --data to train it")
-    if args.task == "auto":
-        is_feedback = bool(args.data) and os.path.isfile(os.path.join(args.data, "train.csv")) and \
-            os.path.isdir(os.path.join(args.data, "train"))
-        args.task = "token" if is_feedback or (not args.data and args.predict and os.path.isdir(args.predict)
-                                               and args.init and _is_token_model(args.init)) else "doc"
+    if args.task == "auto":  # Feedback Prize's layout, or (predicting only) a token-classification checkpoint
+        if args.data:
+            is_token = os.path.isfile(os.path.join(args.data, "train.csv")) and os.path.isdir(os.path.join(args.data, "train"))
+        else:
+            is_token = bool(args.init) and _is_token_model(args.init)
+        args.task = "token" if is_token else "doc"
     return args
 
 

@@ -133,14 +133,15 @@ def main():
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
     p.add_argument("--flagperf", action="store_true", help="add FlagPerf's setting: batch 16 x 1024 tokens, fp32")
     p.add_argument("--out", default="benchmarks/results.json")
-    p.add_argument("--plot", metavar="RESULTS_JSON", help="only draw RESULTS_JSON's rows to a PNG beside it")
+    p.add_argument("--plot", metavar="RESULTS_JSON", nargs="+",
+                   help="only draw these results files' rows, together, to a PNG beside the first")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         impl, L, batch, dtype, mode, repeats, device = args.worker
         return worker(impl, int(L), int(batch), dtype, mode, int(repeats), device)
     if args.plot:
-        return print(f"wrote {plot(args.plot)}")
+        return print(f"wrote {plot(*args.plot)}")
 
     hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else 1 << 30)
     speed = {d: matmul_speed(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d])
@@ -196,23 +197,25 @@ def table_line(row, name):
             + (f"   HF: {hf['error']}" if "error" in hf else "") + (f"   ours: {ours['error']}" if "error" in ours else ""))
 
 
-def plot(results_json: str) -> str:
+def plot(*results_json: str) -> str:
     """Time per token and peak memory against length, HF and ours, per mode and dtype."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(results_json) as f:
-        data = json.load(f)
-    rows = [r for r in data["rows"] if r["batch"] == 1]
+    rows = []
+    for path in results_json:
+        with open(path) as f:
+            data = json.load(f)
+        rows += [r for r in data["rows"] if r["batch"] == 1]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("bf16", "s")):
-            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue")):
-                pts = [(r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
-                       and "median_s" in r.get(impl, {})]
+            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green")):
+                pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
+                              and "median_s" in r.get(impl, {})), key=lambda p: p[0])
                 if not pts:
                     continue
-                label = f"{'HF' if impl == 'hf' else 'ours'} {mode} {dtype}"
+                label = f"{'HF' if impl == 'hf' else impl} {mode} {dtype}"
                 ax_t.plot([L for L, _ in pts], [1e3 * v["median_s"] / L for L, v in pts], style, marker=marker,
                           color=color, label=label)
                 ax_m.plot([L for L, _ in pts], [v["peak_bytes"] / 2**30 for _, v in pts], style, marker=marker,
@@ -227,7 +230,7 @@ def plot(results_json: str) -> str:
     fig.suptitle(f"longformer-base on {meta.get('gpu') or meta.get('cpu_model')} ({meta['device']}, "
                  f"{meta['threads']} threads), torch {meta['torch']}, transformers {meta['transformers']}")
     fig.tight_layout()
-    out = os.path.splitext(results_json)[0] + ".png"
+    out = os.path.splitext(results_json[0])[0] + ".png"
     fig.savefig(out, dpi=110)
     return out
 
