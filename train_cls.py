@@ -357,8 +357,7 @@ def predict(args, model, task, tokenizer):
 def read_unlabelled(path, text_column):
     if os.path.isdir(path):
         return [open(os.path.join(path, f), encoding="utf-8").read() for f in sorted(os.listdir(path)) if f.endswith(".txt")]
-    texts, _ = read_labelled(path, text_column, text_column)  # labels unused: the text column stands in
-    return texts
+    return read_labelled(path, text_column, label_column=None)[0]
 
 
 def per_class_report(metrics):
@@ -388,7 +387,7 @@ def main(argv=None):
 
     model, task, train_set, val_set = (token_job if args.task == "token" else doc_job)(args, tokenizer)
     settings = train_args(args, "cls")
-    if args.task == "token" or settings.target_metric == "accuracy" and args.multi_label:
+    if args.task == "token" or (settings.target_metric == "accuracy" and args.multi_label):
         settings.target_metric = "macro_f1"
     metrics = train(model, task, train_set, val_set, settings, run_settings(args), resume=args.resume,
                     overwrite=args.overwrite)

@@ -179,10 +179,11 @@ def collate_mlm(examples: list[dict], seed: int, mask_id: int, vocab_size: int, 
 
 # -- labelled documents (classification) ------------------------------------------------------------
 
-def read_labelled(path: str, text_column: str = "text", label_column: str = "label",
+def read_labelled(path: str, text_column: str = "text", label_column: str | None = "label",
                   multi_label: bool = False) -> tuple[list[str], list[list[str]]]:
     """Texts and their labels from a .csv or .jsonl (columns named), or from a folder with one sub-folder per
-    class of .txt files (aclImdb's layout). Multi-label: a list in .jsonl, or labels joined by "|" or ","."""
+    class of .txt files (aclImdb's layout). Multi-label: a list in .jsonl, or labels joined by "|" or ",".
+    label_column=None reads texts to be labelled: every label list is empty."""
     if not os.path.exists(path):
         raise SystemExit(f"{path!r} does not exist")
     texts, labels, where = [], [], []
@@ -207,9 +208,9 @@ def read_labelled(path: str, text_column: str = "text", label_column: str = "lab
             raise SystemExit(f"{path!r}: expected a .csv, a .jsonl, or a folder of class sub-folders")
         for n, row in rows:
             for column, what in ((text_column, "--text-column"), (label_column, "--label-column")):
-                if column not in row:
+                if column is not None and column not in row:
                     raise SystemExit(f"{path}:{n}: no column {column!r} (set {what}); columns: {', '.join(row)}")
-            value = row[label_column]
+            value = row[label_column] if label_column is not None else []
             if isinstance(value, list):
                 found = [str(v) for v in value]
             elif multi_label:
@@ -222,7 +223,7 @@ def read_labelled(path: str, text_column: str = "text", label_column: str = "lab
     for text, label, place in zip(texts, labels, where):
         if not text.strip():
             raise SystemExit(f"{place}: empty document")
-        if not label or not all(label):
+        if label_column is not None and (not label or not all(label)):
             raise SystemExit(f"{place}: no label")
         if len(label) > 1 and not multi_label:
             raise SystemExit(f"{place}: several labels {label}; pass --multi-label")
