@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import longformer
 from longformer import demo, feedback
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
-from longformer.data import read_labelled
+from longformer.data import hold_out, read_labelled
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.trainer import Task, setup_distributed, to_device, train
 
@@ -285,10 +285,9 @@ def doc_job(args, tokenizer):
     if args.val_data:
         val_texts, val_labels = read_labelled(args.val_data, args.text_column, args.label_column, args.multi_label)
     else:
-        order = np.random.default_rng(args.seed).permutation(len(texts))
-        n_val = max(1, round(args.val_fraction * len(texts)))
-        val_texts, val_labels = [texts[i] for i in order[:n_val]], [labels[i] for i in order[:n_val]]
-        texts, labels = [texts[i] for i in order[n_val:]], [labels[i] for i in order[n_val:]]
+        train_pairs, val_pairs = hold_out(list(zip(texts, labels)), args.val_fraction, args.seed)
+        texts, labels = [t for t, _ in train_pairs], [l for _, l in train_pairs]
+        val_texts, val_labels = [t for t, _ in val_pairs], [l for _, l in val_pairs]
     names = sorted({l for found in labels for l in found})
     targets = label_targets(labels, names, args.multi_label, "training")
     val_targets = label_targets(val_labels, names, args.multi_label, "the validation set")
@@ -311,9 +310,7 @@ def token_job(args, tokenizer):
     if args.val_data:
         val = feedback.read_essays(args.val_data)
     else:
-        order = np.random.default_rng(args.seed).permutation(len(essays))
-        n_val = max(1, round(args.val_fraction * len(essays)))
-        val, essays = [essays[i] for i in order[:n_val]], [essays[i] for i in order[n_val:]]
+        essays, val = hold_out(essays, args.val_fraction, args.seed)
     kinds = {cls for e in essays + val for cls, _ in e.spans}
     classes = list(feedback.CLASSES) + sorted(kinds - set(feedback.CLASSES))
     labels = feedback.bio_labels(classes)

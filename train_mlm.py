@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import longformer
 from longformer import demo
-from longformer.data import (collate_mlm, pack_blocks, read_documents, read_npz_pair, split_documents,
+from longformer.data import (collate_mlm, hold_out, pack_blocks, read_documents, read_npz_pair,
                              tokenize_documents)
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
@@ -138,7 +138,7 @@ def build(args):
     if args.val_data:
         train_docs, val_docs = docs, read_documents(args.val_data, args.text_field)
     else:
-        train_docs, val_docs = split_documents(docs, args.val_fraction, args.seed)
+        train_docs, val_docs = hold_out(docs, args.val_fraction, args.seed)
     special = [tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
     train_set = pack_blocks(tokenize_documents(train_docs, tokenizer, args.cache_dir), args.seq_len, special)
     val_set = pack_blocks(tokenize_documents(val_docs, tokenizer, args.cache_dir), args.seq_len, special)

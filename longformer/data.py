@@ -45,13 +45,13 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
     return docs
 
 
-def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out a fraction of the documents (not of the blocks: no document is on both sides)."""
-    if len(docs) < 2:
+def hold_out(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random fraction of the items (documents, essays) held out whole."""
+    if len(items) < 2:
         raise SystemExit("need at least 2 documents to hold some out for validation; give --val-data instead")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = min(len(items) - 1, max(1, round(val_fraction * len(items))))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
 def stdlib_documents(limit_chars: int = 6_000_000) -> list[str]:

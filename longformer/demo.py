@@ -1,6 +1,8 @@
 """The embedded demos: text every Python has (the standard library's docstrings), a tokenizer trained on
 it, and a small Longformer whose window is a fraction of its input, so that no download is needed."""
+import functools
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,7 +21,7 @@ def demo_config(vocab_size: int, max_length: int) -> LongformerConfig:
     return LongformerConfig(vocab_size=vocab_size, max_position_embeddings=max_length + 2, **DEMO_MODEL)
 
 
-def demo_tokenizer(docs: list[str], cache_dir: str) -> str:
+def demo_tokenizer(docs: Sequence[str], cache_dir: str) -> str:
     """A 2,048-token byte-level BPE trained on the demo corpus; cached, as the corpus is the same each time."""
     from tokenizers import ByteLevelBPETokenizer
     directory = os.path.join(cache_dir, f"demo-tokenizer-{len(docs)}-{sum(len(d) for d in docs)}")
@@ -32,7 +34,7 @@ def demo_tokenizer(docs: list[str], cache_dir: str) -> str:
     return directory
 
 
-def topic_documents(docs: list[str], words_per_doc: int = 280, seed: int = 0):
+def topic_documents(docs: Sequence[str], words_per_doc: int = 280, seed: int = 0):
     """A classification task that only global attention solves. Each example is a run of docstring text
     with a short paragraph, "This passage is filed under <topic>." said 6 times, placed somewhere in its
     last 40%: far beyond what <s> sees through the sliding windows alone. The label is the topic. Every
@@ -50,5 +52,7 @@ def topic_documents(docs: list[str], words_per_doc: int = 280, seed: int = 0):
     return texts, labels
 
 
-def corpus() -> list[str]:
-    return stdlib_documents()
+@functools.lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
+    """Read once per process: the tokenizer and the documents of a demo both come from it."""
+    return tuple(stdlib_documents())
