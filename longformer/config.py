@@ -4,10 +4,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .files import atomic_write_text
+from .kernels.sdpa import parse_backends
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "dense")
-RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing")
+RUNTIME_FIELDS = ("attention_backend", "sdpa_backends", "gradient_checkpointing")
 
 
 @dataclass
@@ -32,9 +33,12 @@ class LongformerConfig:
     sep_token_id: int = 2
     id2label: dict[int, str] | None = None
     problem_type: str | None = None  # "single_label_classification", "multi_label_classification", "regression"
-    # Run-time choices, not written to config.json: the attention kernel (longformer/attention/self_attention.py)
-    # and whether layers recompute their activations in the backward pass.
+    # Run-time choices, not written to config.json: the attention kernel (longformer/attention/self_attention.py),
+    # which of torch's SDPA kernels it may use, in order (e.g. "cudnn,efficient"; None: the per-device defaults
+    # of longformer/kernels/sdpa.py, or $LONGFORMER_SDPA_BACKENDS), and whether layers recompute their
+    # activations in the backward pass.
     attention_backend: str = "auto"
+    sdpa_backends: str | None = None
     gradient_checkpointing: bool = False
     # Fields of config.json that this library does not use, kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
@@ -71,6 +75,11 @@ class LongformerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             fail(f"unknown attention_backend {self.attention_backend!r}; "
                  f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.sdpa_backends is not None:
+            try:
+                parse_backends(self.sdpa_backends)
+            except ValueError as e:
+                fail(str(e))
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or not 0 <= p < 1:

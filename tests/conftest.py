@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 import longformer  # noqa: E402
+from device import DEVICE, on_device  # noqa: E402
 from longformer.checkpoint import to_hf  # noqa: E402
 
 VOCAB = 60
@@ -28,21 +29,21 @@ def hf_config(**kw):
 
 
 def save_hf(cls_name, directory, seed=0, **config_kw):
-    """A random HF model of the named class, saved to directory; returns it in eval mode."""
+    """A random HF model of the named class, saved to directory; returns it on DEVICE in eval mode."""
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(hf_config(**config_kw)).eval()
     model.save_pretrained(directory)
-    return model
+    return model.to(DEVICE)
 
 
 def load_ours(cls, directory, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls.from_pretrained(str(directory), **overrides).eval()
+        return cls.from_pretrained(str(directory), **overrides).eval().to(DEVICE)
 
 
 def batch(B=3, L=13, n_global=(3, 1, 0), lengths=None, seed=1):
-    """input_ids, attention_mask, global_attention_mask with per-example padding and global tokens."""
+    """input_ids, attention_mask, global_attention_mask with per-example padding and global tokens, on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [L, max(1, L - 4), max(1, L // 2)][:B]
     ids = torch.randint(3, VOCAB, (B, L), generator=g)
@@ -53,7 +54,7 @@ def batch(B=3, L=13, n_global=(3, 1, 0), lengths=None, seed=1):
         ids[b, lengths[b]:] = 1  # the pad token
         chosen = torch.randperm(lengths[b], generator=g)[:n_global[b % len(n_global)]]
         gm[b, chosen] = 1
-    return ids, am, gm
+    return on_device(ids, am, gm)
 
 
 def hf_grads(model):

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import longformer
 from conftest import HEADS, batch, load_ours, save_hf, transformers
+from device import DEVICE
 
 
 @pytest.mark.parametrize("cls", list(HEADS), ids=lambda c: c.__name__)
@@ -16,7 +17,7 @@ def test_save_then_hf_loads_with_same_outputs(tmp_path, cls):
     ours = load_ours(cls, tmp_path / "hf")
     ours.save_pretrained(str(tmp_path / "ours"))
     hf, info = getattr(transformers, HEADS[cls]).from_pretrained(str(tmp_path / "ours"), output_loading_info=True)
-    hf.eval()
+    hf.eval().to(DEVICE)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids, am, gm = batch()
     a = ours(ids, attention_mask=am, global_attention_mask=gm)
@@ -37,7 +38,7 @@ def test_roberta_prefix_and_bin_file(tmp_path):
     os.rename(tmp_path / "hf/config.json", tmp_path / "old/config.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about
-        ours = longformer.LongformerForMaskedLM.from_pretrained(str(tmp_path / "old")).eval()
+        ours = longformer.LongformerForMaskedLM.from_pretrained(str(tmp_path / "old")).eval().to(DEVICE)
     ids, am, gm = batch()
     torch.testing.assert_close(ours(ids, attention_mask=am, global_attention_mask=gm).logits,
                                hf(ids, attention_mask=am, global_attention_mask=gm).logits, atol=1e-5, rtol=0)
@@ -53,7 +54,7 @@ def test_base_checkpoint_into_head_warns_about_new_weights(tmp_path):
 def test_head_checkpoint_into_base_model(tmp_path):
     hf = save_hf("LongformerForTokenClassification", tmp_path)
     with pytest.warns(UserWarning, match="pooler"):  # the token classifier has no pooler
-        ours = longformer.LongformerModel.from_pretrained(str(tmp_path)).eval()
+        ours = longformer.LongformerModel.from_pretrained(str(tmp_path)).eval().to(DEVICE)
     ids, am, gm = batch()
     torch.testing.assert_close(ours(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state,
                                hf.longformer(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state,

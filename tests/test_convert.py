@@ -10,6 +10,7 @@ import torch
 
 import longformer
 from conftest import VOCAB, batch, load_ours, transformers
+from device import DEVICE, on_device
 from longformer.convert import tile_positions
 
 
@@ -22,7 +23,7 @@ def roberta(tmp_path):
     model.save_pretrained(str(tmp_path / "roberta"))
     with open(tmp_path / "roberta/tokenizer_config.json", "w") as f:
         json.dump({"model_max_length": 20}, f)
-    return model, tmp_path / "roberta"
+    return model.to(DEVICE), tmp_path / "roberta"
 
 
 def test_converted_roberta_equals_roberta_within_the_window(tmp_path, roberta):
@@ -70,7 +71,7 @@ def test_extend_longformer_keeps_short_outputs_cli(tmp_path, roberta):
     ids, am, gm = batch(L=60)
     torch.testing.assert_close(long(ids, attention_mask=am, global_attention_mask=gm).logits,
                                short(ids, attention_mask=am, global_attention_mask=gm).logits)
-    long(torch.randint(3, VOCAB, (1, 256)))  # and the new length runs
+    long(on_device(torch.randint(3, VOCAB, (1, 256))))  # and the new length runs
     again = subprocess.run(run, capture_output=True, text=True)  # out exists: refuse, do not overwrite
     assert again.returncode == 2 and "not empty" in again.stderr
 

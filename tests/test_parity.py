@@ -5,6 +5,7 @@ import torch
 import longformer
 
 from conftest import HEADS, assert_grads_match, batch, load_ours, save_hf
+from device import on_device
 
 
 def run(model, cls_name, ids, am, gm, labels_seed=2):
@@ -14,14 +15,14 @@ def run(model, cls_name, ids, am, gm, labels_seed=2):
     if cls_name == "LongformerModel":
         out = model(ids, attention_mask=am, global_attention_mask=gm)
         y = out.last_hidden_state
-        proj = torch.randn(y.shape, generator=g)
+        proj = on_device(torch.randn(y.shape, generator=g))
         (y * proj).sum().backward() if out.pooler_output is None else \
             ((y * proj).sum() + out.pooler_output.sum()).backward()
         return y
     if cls_name == "LongformerForSequenceClassification":
-        labels = torch.randint(0, 3, (B,), generator=g)
+        labels = on_device(torch.randint(0, 3, (B,), generator=g))
     else:
-        labels = torch.randint(0, 60 if cls_name == "LongformerForMaskedLM" else 3, (B, L), generator=g)
+        labels = on_device(torch.randint(0, 60 if cls_name == "LongformerForMaskedLM" else 3, (B, L), generator=g))
         labels[am == 0] = -100
     out = model(ids, attention_mask=am, global_attention_mask=gm, labels=labels)
     out.loss.backward()
@@ -58,6 +59,6 @@ def test_without_attention_mask_and_with_inputs_embeds(tmp_path):
     ids, _, gm = batch(lengths=[13, 13, 13])
     torch.testing.assert_close(ours(ids, global_attention_mask=gm).last_hidden_state,
                                hf(ids, global_attention_mask=gm).last_hidden_state, atol=1e-5, rtol=0)
-    emb = torch.randn(2, 11, 32)
+    emb = on_device(torch.randn(2, 11, 32))
     torch.testing.assert_close(ours(inputs_embeds=emb).last_hidden_state,
                                hf(inputs_embeds=emb).last_hidden_state, atol=1e-5, rtol=0)

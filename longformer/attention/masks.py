@@ -35,7 +35,7 @@ class AttentionMasks:
         """The additive mask for window w, built once and shared by the layers that use w."""
         if (w, dtype) not in self._window_masks:
             self._window_masks[w, dtype] = window_mask(
-                self.local_keys, w, dtype, self.global_valid if self.num_global else None)
+                self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None)
         return self._window_masks[w, dtype]
 
     def gather_global(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..kernels import global_query_attention, sliding_window_attention
+from ..kernels import choose_backends, global_query_attention, sliding_window_attention
 from .dense import dense_attention
 from .masks import AttentionMasks
 
@@ -31,7 +31,8 @@ class LongformerSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if backend == "dense":
             return dense_attention(x, self, masks, dropout_p)
-        use_sdpa = backend in ("auto", "sdpa")  # auto: the fused kernel, the fastest on every device measured
+        # auto: the fused kernel, the fastest on every device measured; chunked: the explicit one (None)
+        sdpa = choose_backends(x.device.type, self.config.sdpa_backends) if backend in ("auto", "sdpa") else None
         B, L, C = x.shape
         split = lambda t: t.view(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731  [B, n, C] -> [B, n, H, D]
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
@@ -39,7 +40,7 @@ class LongformerSelfAttention(nn.Module):
         k_glob = v_glob = None
         if masks.num_global:
             k_glob, v_glob = masks.gather_global(k), masks.gather_global(v)  # [B, G, H, D]
-        out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, use_sdpa)
+        out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
         if masks.num_global:
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
             out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.keep, dropout_p)

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 
 def _pad_seq(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
@@ -26,42 +27,60 @@ def num_blocks(length: int, w: int) -> int:
     return -(-length // w)
 
 
-def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, L, *rest] -> [B, nc, 3w (+ G), *rest]: block c gets blocks c-1, c, c+1 of x, then `extra` [B, G, *rest].
+# Key slots per block are padded to a multiple of this: CUDA's memory-efficient SDPA wants every mask
+# stride but the last to be a multiple of 8, and otherwise copies the mask on every call.
+KEY_MULTIPLE = 8
 
-    Blocks before the start and after the end are zeros; the band mask hides them.
+
+def num_keys(w: int, num_global: int = 0) -> int:
+    """Key slots per block: 3w window keys, the global keys, masked slack up to a multiple of KEY_MULTIPLE."""
+    return -(-(3 * w + num_global) // KEY_MULTIPLE) * KEY_MULTIPLE
+
+
+def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, L, *rest] -> [B, nc, num_keys(w, G), *rest]: block c gets blocks c-1, c, c+1 of x, then `extra`
+    [B, G, *rest], then zeros up to the padded key count.
+
+    Blocks before the start and after the end are zeros; the band mask hides them, and the slack slots.
     """
     B, L, rest = x.shape[0], x.shape[1], x.shape[2:]
     nc = num_blocks(L, w)
     xb = _pad_seq(x, w, nc * w - L + w).view(B, nc + 2, w, *rest)  # [B, nc + 2, w, *rest]
     parts = [xb[:, :-2], xb[:, 1:-1], xb[:, 2:]]
-    if extra is not None:
+    G = 0 if extra is None else extra.shape[1]
+    if G:
         parts.append(extra[:, None].expand(B, nc, *extra.shape[1:]))
+    slack = num_keys(w, G) - 3 * w - G
+    if slack:
+        parts.append(x.new_zeros(B, nc, slack, *rest))
     return torch.cat(parts, dim=2)
 
 
-def window_mask(local_keys: torch.Tensor, w: int, dtype: torch.dtype,
+def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype,
                 global_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask [B * nc, 1, w, 3w + G] for sliding_window_attention.
+    """Additive mask [B * nc, 1, w, num_keys(w, G)] for sliding_window_attention.
 
-    local_keys [B, L] bool: keys reachable through the window (real tokens that are not global; global
-    tokens are reached through their own columns instead, so they are not counted twice).
-    global_valid [B, G] bool: which global-key slots hold a real global token.
+    keep [B, L] bool: real tokens. local_keys [B, L] bool: keys reachable through the window (real tokens
+    that are not global; global tokens are reached through their own columns instead, so they are not
+    counted twice). global_valid [B, G] bool: which global-key slots hold a real global token.
+
+    Every row allows at least one key: a query that is not a real token (padding, or the tail of the last
+    block) sees itself. CUDA's fused kernels return NaN for a row with no key at all, and 0 x NaN stays NaN
+    when padding is zeroed, so such a row would poison every real token whose window reaches it.
     """
-    B, L = local_keys.shape
-    a = torch.arange(w, device=local_keys.device)[:, None]
-    b = torch.arange(3 * w, device=local_keys.device)[None, :]
-    band = (b >= a) & (b <= a + 2 * w)  # [w, 3w]: |(c*w + a) - ((c-1)*w + b)| <= w
-    allowed = band & key_windows(local_keys, w)[:, :, None, :]  # [B, nc, w, 3w]
-    if global_valid is not None:
-        nc = allowed.shape[1]
-        G = global_valid.shape[1]
-        allowed = torch.cat([allowed, global_valid[:, None, None, :].expand(B, nc, w, G)], dim=-1)
-    # A large finite negative rather than -inf: rows of padding queries see no key at all, and must stay
-    # finite (they are zeroed afterwards) so that no NaN reaches the gradients.
+    B, L = keep.shape
+    nc, S = num_blocks(L, w), num_keys(w, 0 if global_valid is None else global_valid.shape[1])
+    a = torch.arange(w, device=keep.device)[:, None]
+    b = torch.arange(S, device=keep.device)[None, :]
+    # |(c*w + a) - ((c-1)*w + b)| <= w over the 3w window keys; past them the slots decide by themselves.
+    band = ((b >= a) & (b <= a + 2 * w)) | (b >= 3 * w)  # [w, S]
+    allowed = band & key_windows(local_keys, w, global_valid)[:, :, None, :]  # [B, nc, w, S]
+    not_real = ~_pad_seq(keep, 0, nc * w - L).view(B, nc, w, 1)
+    allowed |= not_real & (b == a + w)  # the query's own slot, in the middle block
+    # The dtype's most negative finite value rather than -inf, with q's dtype, so that SDPA casts nothing.
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.view(B * allowed.shape[1], 1, w, allowed.shape[-1])
+    return mask.view(B * nc, 1, w, S)
 
 
 class DropoutAttention(torch.autograd.Function):
@@ -97,13 +116,15 @@ class DropoutAttention(torch.autograd.Function):
                 grad_v, None, None, None)
 
 
-def attend(q, k, v, mask, dropout_p: float, use_sdpa: bool):
-    """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA, or explicit in fp32."""
-    if use_sdpa and dropout_p and q.device.type == "cpu":
+def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
+    """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
+    (from sdpa.choose_backends), or, with None, explicit with an fp32 softmax."""
+    if sdpa_backends is not None and dropout_p and q.device.type == "cpu":
         keep = torch.rand(*q.shape[:-1], k.shape[-2], device=q.device) >= dropout_p  # [N, H, w, S]
         return DropoutAttention.apply(q, k, v, mask, keep, dropout_p)
-    if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if sdpa_backends is not None:
+        with sdpa_kernel(list(sdpa_backends), set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1])) + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p:
@@ -112,13 +133,13 @@ def attend(q, k, v, mask, dropout_p: float, use_sdpa: bool):
 
 
 def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None,
-                             dropout_p: float = 0.0, use_sdpa: bool = True):
+                             dropout_p: float = 0.0, sdpa_backends: tuple | None = None):
     """Local (+ global-key) attention. q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D]; mask from
-    window_mask. Returns [B, L, H, D]."""
+    window_mask; sdpa_backends as for attend. Returns [B, L, H, D]."""
     B, L, H, D = q.shape
     nc = num_blocks(L, w)
     qb = _pad_seq(q, 0, nc * w - L).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
-    kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, 3w+G, D]
+    kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D], S = num_keys(w, G)
     vw = key_windows(v, w, v_global).flatten(0, 1).transpose(1, 2)
-    out = attend(qb, kw, vw, mask, dropout_p, use_sdpa)  # [B*nc, H, w, D]
+    out = attend(qb, kw, vw, mask, dropout_p, sdpa_backends)  # [B*nc, H, w, D]
     return out.transpose(1, 2).reshape(B, nc * w, H, D)[:, :L]
