@@ -324,7 +324,7 @@ def token_job(args, tokenizer):
 
 def predict(args, model, task, tokenizer):
     """Label --predict with the trained (or --init) model; writes a CSV."""
-    _, _, device = setup_distributed()
+    _, _, device = setup_distributed(args.device)
     model.to(device).eval()
     default = "submission.csv" if isinstance(task, TokenTask) else "predictions.csv"
     path = args.predictions or os.path.join(args.out or ".", default)

@@ -1,21 +1,24 @@
 """This project against HF transformers, same machine, same run: forward and masked-LM training step.
 
     python benchmarks/bench.py                      # CPU: 1024/4096/16384 tokens, fp32 and bf16
-    python benchmarks/bench.py --device cuda        # the same table on a GPU
+    python benchmarks/bench.py --device cuda --dtypes tf32 bf16   # the same table on a GPU
     python benchmarks/bench.py --flagperf           # + FlagPerf's setting: batch 16 x 1024, fp32 training
 
-Base config (12 layers, 768 wide, window 512), batch 1, global attention on the first token; forward is the
-encoder (LongformerModel), a training step is LongformerForMaskedLM's forward + backward with 15% of the
-tokens predicted (ours computes the vocabulary logits only there, HF everywhere). Each
-(implementation, length, dtype, mode) runs in a fresh worker process, HF first and ours right after, so the
-peak memory is that process's alone (CPU: peak RSS, weights included; CUDA: peak allocated). Timings are
-medians of --repeats runs after one warm-up. Writes a JSON file of all rows and prints a table.
+Base config (12 layers, 768 wide, window 512), batch 1 (or --batches), global attention on the first token;
+forward is the encoder (LongformerModel), a training step is LongformerForMaskedLM's forward + backward with
+15% of the tokens predicted (ours computes the vocabulary logits only there, HF everywhere). dtypes: fp32,
+tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU each (implementation,
+length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
+worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
+right after. Timings are medians of --repeats runs after one warm-up. Writes a JSON file of all rows and
+prints a table.
 """
 import argparse
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             type_vocab_size=1, layer_norm_eps=1e-5, attention_window=512, pad_token_id=1)
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_flops(L, batch, mode, masked_fraction=0.15, c=BASE):
@@ -40,18 +44,25 @@ def model_flops(L, batch, mode, masked_fraction=0.15, c=BASE):
     return 3 * (fwd + head)
 
 
+def set_tf32(on: bool):
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
 def matmul_speed(device, dtype):
-    """The machine's measured speed for a model-shaped matmul (4096 x 768 @ 768 x 3072), FLOP/s."""
-    a = torch.randn(4096, 768, device=device, dtype=dtype)
-    w = torch.randn(3072, 768, device=device, dtype=dtype)
+    """The machine's measured speed for a model-shaped matmul ([rows x 768] @ [768 x 3072]), FLOP/s."""
+    rows, reps = (16384, 50) if device == "cuda" else (4096, 10)
+    set_tf32(dtype == "tf32")
+    a = torch.randn(rows, 768, device=device, dtype=DTYPES[dtype])
+    w = torch.randn(3072, 768, device=device, dtype=DTYPES[dtype])
     for _ in range(3):
         F.linear(a, w)
     sync(device)
-    t, reps = time.perf_counter(), 10
+    t = time.perf_counter()
     for _ in range(reps):
         F.linear(a, w)
     sync(device)
-    return 2 * 4096 * 768 * 3072 * reps / (time.perf_counter() - t)
+    return 2 * rows * 768 * 3072 * reps / (time.perf_counter() - t)
 
 
 def sync(device):
@@ -59,30 +70,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def worker(impl, L, batch, dtype, mode, repeats, device):
-    """One configuration in this process; prints a JSON line with its timings and peak memory."""
-    torch.manual_seed(0)
-    if impl == "hf":
-        import transformers
-        transformers.logging.set_verbosity_error()
-        cfg = transformers.LongformerConfig(**BASE, max_position_embeddings=L + 2)
-        model = (transformers.LongformerForMaskedLM(cfg) if mode == "train"
-                 else transformers.LongformerModel(cfg, add_pooling_layer=False))
-    else:  # "ours", or "ours+ckpt": with gradient checkpointing
-        import longformer
-        cfg = longformer.LongformerConfig(**BASE, max_position_embeddings=L + 2,
+def build(impl, L, mode, config, device):
+    with torch.device(device):  # initialised where it runs: seconds saved per model on a GPU
+        if impl == "hf":
+            import transformers
+            transformers.logging.set_verbosity_error()
+            cfg = transformers.LongformerConfig(**config, max_position_embeddings=L + 2)
+            return (transformers.LongformerForMaskedLM(cfg) if mode == "train"
+                    else transformers.LongformerModel(cfg, add_pooling_layer=False))
+        import longformer  # "ours", or "ours+ckpt": with gradient checkpointing
+        cfg = longformer.LongformerConfig(**config, max_position_embeddings=L + 2,
                                           gradient_checkpointing=impl == "ours+ckpt")
-        model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
-                 else longformer.LongformerModel(cfg, add_pooling_layer=False))
-    model.to(device).train(mode == "train")
-    ids = torch.randint(3, 50000, (batch, L), device=device)
+        return (longformer.LongformerForMaskedLM(cfg) if mode == "train"
+                else longformer.LongformerModel(cfg, add_pooling_layer=False))
+
+
+def measure(impl, L, batch, dtype, mode, repeats, device, config):
+    """One configuration: {"times": [...], "peak_bytes": ...}."""
+    torch.manual_seed(0)
+    set_tf32(dtype == "tf32")
+    model = build(impl, L, mode, config, device).train(mode == "train")
+    ids = torch.randint(3, config["vocab_size"] - 1, (batch, L), device=device)
     gm = torch.zeros_like(ids)
     gm[:, 0] = 1
     labels = torch.full_like(ids, -100)
     picked = torch.rand(ids.shape, device=device) < 0.15
     labels[picked] = ids[picked]
-    autocast = torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32),
-                              enabled=dtype != "fp32")
+    autocast = torch.autocast(device, dtype=DTYPES[dtype], enabled=dtype in ("bf16", "fp16"))
 
     def step():
         if mode == "forward":
@@ -105,26 +119,101 @@ def worker(impl, L, batch, dtype, mode, repeats, device):
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"times": times[1:], "peak_bytes": peak}))
+    return {"times": times[1:], "peak_bytes": peak}
 
 
-def run_worker(impl, L, batch, dtype, mode, repeats, device):
-    cmd = [sys.executable, __file__, "--worker", impl, str(L), str(batch), dtype, mode, str(repeats), device]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
+def worker(spec):
+    """Every configuration of spec in this process; prints one JSON line per configuration."""
+    for L, batch, dtype, mode in spec["configs"]:
+        try:
+            result = measure(spec["impl"], L, batch, dtype, mode, spec["repeats"], spec["device"], spec["config"])
+        except torch.OutOfMemoryError:
+            result = {"error": "out of memory"}
+        if spec["device"] == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(result), flush=True)
+
+
+def run_worker(impl, configs, repeats, device, config):
+    """Results of configs [(L, batch, dtype, mode), ...] for impl, from a worker process."""
+    spec = dict(impl=impl, configs=configs, repeats=repeats, device=device, config=config)
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:  # killed (CPU out of memory) or crashed: the configuration it was on failed
         reason = "out of memory" if done.returncode in (-9, 137) or "out of memory" in done.stderr else \
-            done.stderr.strip().splitlines()[-1][:120]
-        return {"error": reason}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["median_s"] = statistics.median(result["times"])
-    return result
+            (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1][:160]
+        results.append({"error": reason})
+    results += [{"error": "not run: the worker stopped at an earlier configuration"}] * (len(configs) - len(results))
+    for r in results:
+        if "times" in r:
+            r["median_s"] = statistics.median(r["times"])
+    return results
+
+
+def environment(device, dtypes):
+    """What the numbers were measured on, and the measured matmul speed per dtype (TFLOP/s)."""
+    import transformers
+    cpu_model = None
+    if os.path.exists("/proc/cpuinfo"):
+        cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                          if line.startswith("model name")), None)
+    meta = {"device": device, "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": None}
+    if device == "cuda":
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+        meta.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                    driver=driver.stdout.strip().splitlines()[0] if driver and driver.returncode == 0 else None)
+    meta["matmul_tflops"] = {d: matmul_speed(device, d) / 1e12 for d in dtypes}
+    set_tf32(False)
+    return meta
+
+
+def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_train=None, log=print):
+    """Measure every configuration with every implementation; rows saved to out (JSON) as they come."""
+    meta = environment(device, sorted({c[2] for c in configs}))
+    meta["config"] = config
+    log(f"# {meta}")
+    log(TABLE_HEADER)
+    jobs = {}  # impl -> the configurations it runs
+    for L, batch, dtype, mode in configs:
+        for impl in impls:
+            skip = (impl == "ours+ckpt" and mode != "train") or \
+                (impl == "hf" and mode == "train" and hf_max_train and L > hf_max_train)
+            if not skip:
+                jobs.setdefault(impl, []).append((L, batch, dtype, mode))
+    rows = {c: {"length": c[0], "batch": c[1], "dtype": c[2], "mode": c[3]} for c in configs}
+    if hf_max_train:
+        for c, row in rows.items():
+            if c[3] == "train" and c[0] > hf_max_train:
+                row["hf"] = {"error": f"not run: over --hf-max-train-length {hf_max_train}"}
+    # CPU: a process per configuration (peak RSS cannot be reset); CUDA: one per implementation.
+    groups = [(impl, [c]) for c in configs for impl in impls if c in jobs.get(impl, [])] if device == "cpu" \
+        else [(impl, cs) for impl, cs in jobs.items()]
+    for impl, cs in groups:
+        for c, result in zip(cs, run_worker(impl, cs, repeats, device, config)):
+            if "median_s" in result:
+                result["mfu"] = model_flops(c[0], c[1], c[3], c=config) / result["median_s"] \
+                    / (meta["matmul_tflops"][c[2]] * 1e12)
+            rows[c][impl] = result
+            done = all(i in rows[c] for i in impls if c in jobs.get(i, []))
+            if done:
+                for name in impls:
+                    if name != "hf" and name in rows[c]:
+                        log(table_line(rows[c], name))
+        with open(out, "w") as f:  # after every worker, so that an interrupted run keeps what it measured
+            json.dump({"meta": meta, "rows": list(rows.values())}, f, indent=1)
+    return meta, list(rows.values())
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
@@ -135,52 +224,25 @@ def main():
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--plot", metavar="RESULTS_JSON", nargs="+",
                    help="only draw these results files' rows, together, to a PNG beside the first")
-    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        impl, L, batch, dtype, mode, repeats, device = args.worker
-        return worker(impl, int(L), int(batch), dtype, mode, int(repeats), device)
+        return worker(json.loads(args.worker))
     if args.plot:
         return print(f"wrote {plot(*args.plot)}")
-
-    hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else 1 << 30)
-    speed = {d: matmul_speed(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d])
-             for d in args.dtypes}
-    configs = [(L, 1, d, m) for m in args.modes for d in args.dtypes for L in args.lengths]
+    configs = [(L, b, d, m) for m in args.modes for d in args.dtypes for b in args.batches for L in args.lengths]
     if args.flagperf:
-        configs.append((1024, 16, "fp32", "train"))
-    import transformers
-    meta = {"device": args.device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "torch": torch.__version__,
-            "transformers": transformers.__version__, "matmul_tflops": {d: s / 1e12 for d, s in speed.items()},
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                               if line.startswith("model name")), None) if os.path.exists("/proc/cpuinfo") else None}
-    rows = []
-    print(f"# {meta}")
-    header = f"{'mode':8} {'dtype':5} {'batch x L':>10} {'variant':>9} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | " \
-             f"{'HF GB':>6} {'ours GB':>7} {'mem':>5} | {'ours tok/s':>10} {'HF MFU':>6} {'our MFU':>7}"
-    print(header)
-    for L, batch, dtype, mode in configs:
-        row = {"length": L, "batch": batch, "dtype": dtype, "mode": mode}
-        for impl in args.impls:
-            if impl == "ours+ckpt" and mode != "train":
-                continue
-            if impl == "hf" and mode == "train" and L > hf_max_train:
-                row[impl] = {"error": f"not run: over --hf-max-train-length {hf_max_train}"}
-                continue
-            row[impl] = run_worker(impl, L, batch, dtype, mode, args.repeats, args.device)
-            if "median_s" in row[impl]:
-                row[impl]["mfu"] = model_flops(L, batch, mode) / row[impl]["median_s"] / speed[dtype]
-        rows.append(row)
-        with open(args.out, "w") as f:  # after every row, so that an interrupted run keeps what it measured
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        for name in args.impls:
-            if name != "hf" and name in row:
-                print(table_line(row, name), flush=True)
+        configs.append((1024, 16, "tf32" if args.device == "cuda" else "fp32", "train"))
+    hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else None)
+    run_benchmark(args.device, configs, args.impls, args.repeats, args.out, hf_max_train=hf_max_train)
     try:
         print(f"wrote {plot(args.out)}")
     except ImportError:
         print("(pip install matplotlib for a plot of these results)")
+
+
+TABLE_HEADER = (f"{'mode':8} {'dtype':5} {'batch x L':>10} {'variant':>9} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | "
+                f"{'HF GB':>6} {'ours GB':>7} {'mem':>5} | {'ours tok/s':>10} {'HF MFU':>6} {'our MFU':>7}")
 
 
 def table_line(row, name):
@@ -209,7 +271,7 @@ def plot(*results_json: str) -> str:
         rows += [r for r in data["rows"] if r["batch"] == 1]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, style in (("forward", "-"), ("train", "--")):
-        for dtype, marker in (("fp32", "o"), ("bf16", "s")):
+        for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
             for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green")):
                 pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
                               and "median_s" in r.get(impl, {})), key=lambda p: p[0])
@@ -227,7 +289,9 @@ def plot(*results_json: str) -> str:
         ax.grid(alpha=0.3)
     ax_m.legend(fontsize=7, ncol=2)
     meta = data["meta"]
-    fig.suptitle(f"longformer-base on {meta.get('gpu') or meta.get('cpu_model')} ({meta['device']}, "
+    layers = meta.get("config", BASE)["num_hidden_layers"]
+    fig.suptitle(f"longformer-base{'' if layers == 12 else f' ({layers} layers)'} on "
+                 f"{meta.get('gpu') or meta.get('cpu_model')} ({meta['device']}, "
                  f"{meta['threads']} threads), torch {meta['torch']}, transformers {meta['transformers']}")
     fig.tight_layout()
     out = os.path.splitext(results_json[0])[0] + ".png"

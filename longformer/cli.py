@@ -5,7 +5,7 @@ import os
 import time
 
 from .config import ATTENTION_BACKENDS
-from .trainer import PRECISIONS, TrainArgs
+from .trainer import DEVICES, PRECISIONS, TrainArgs
 
 
 def number(kind, low=None, strict=False):
@@ -46,7 +46,7 @@ def add_training_arguments(parser: argparse.ArgumentParser):
         value = getattr(defaults, f.name)
         kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
-                       choices=list(PRECISIONS) if f.name == "precision" else None)
+                       choices={"precision": list(PRECISIONS), "device": list(DEVICES)}.get(f.name))
 
 
 def train_args(args: argparse.Namespace, name: str) -> TrainArgs:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from .files import atomic_torch_save, atomic_write_text
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir", "device")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainArgs:
     target: float = 0.0  # stop once the evaluation's target_metric reaches this (0 = never)
     target_metric: str = "accuracy"
     stop_after: int = 0  # end this invocation after this many steps, resumable with --resume (0 = never)
+    device: str = "auto"  # auto (cuda when torch sees a GPU), cpu, cuda
 
 
 class Task:
@@ -77,28 +79,37 @@ class Task:
 
 # -- distributed set-up -------------------------------------------------------------------------
 
-def setup_distributed():
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain `python` is one process."""
+def setup_distributed(device: str = "auto"):
+    """(rank, world, device). Under torchrun (RANK set) a process group, even for one process, so that its
+    collectives (NCCL on GPUs, gloo on CPU) run as in a larger job; plain `python` is one process without."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda, but torch sees no CUDA device: install a CUDA build of torch, "
+                             "or train with --device cpu")
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"process {local} on this node has no GPU of its own ({torch.cuda.device_count()} "
+                             f"visible): start at most that many processes per node (--nproc_per_node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
     else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+        dev = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
 
 
-def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
         dist.all_reduce(t)
     return t
 
 
-def barrier(world: int):
-    if world > 1:
+def barrier():
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -211,11 +222,11 @@ def out_of_memory_hint(args: TrainArgs, seq_len) -> str:
 
 def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, resume=False, overwrite=False):
     """Train model on train_set (a sequence of examples), evaluating on val_set. Returns the last metrics."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device)
     master = rank == 0
     if master:
         prepare_out(args.out, run, resume, overwrite)
-    barrier(world)
+    barrier()
     torch.manual_seed(args.seed + rank)
     model.to(device)
     global_batch = args.batch_size * args.grad_accum * world
@@ -242,7 +253,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
         set_rng_state(saved["rng"][rank])
-    ddp = DDP(model, find_unused_parameters=True) if world > 1 else model  # global projections idle without global tokens
+    distributed = dist.is_initialized()
+    ddp = DDP(model, find_unused_parameters=True) if distributed else model  # global projections idle without global tokens
     metrics, stop, done_here, saved_at = {}, False, 0, state["step"]
 
     def log(record):
@@ -261,7 +273,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                     sums[k] = sums.get(k, 0) + v.detach().double().cpu()
         # One all-reduce for everything: the sums flattened into one vector, then cut back into shape.
         keys = sorted(sums)
-        flat = all_sum(torch.cat([sums[k].reshape(-1) for k in keys]).to(device), world).cpu()
+        flat = all_sum(torch.cat([sums[k].reshape(-1) for k in keys]).to(device)).cpu()
         totals = dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
         model.train()
         return task.metrics({k: v.reshape(sums[k].shape) for k, v in totals.items()})
@@ -270,13 +282,13 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         nonlocal saved_at
         saved_at = state["step"]
         rngs = [None] * world
-        if world > 1:
+        if distributed:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
         if master:
             save_checkpoint(args.out, model, optimizer, scheduler, scaler, state, rngs)
-        barrier(world)
+        barrier()
 
     if state["step"] == 0:  # where the run starts, so that progress has a baseline
         metrics = evaluate()
@@ -295,11 +307,11 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         t0 = time.perf_counter()
         batches = [to_device(task.collate([train_set[int(i)] for i in m], seed=args.seed * 7919 + epoch), device)
                    for m in micro]
-        n_global = all_sum(sum(task.count(b) for b in batches).to(device, torch.float64), world).clamp_min(1)
+        n_global = all_sum(sum(task.count(b) for b in batches).to(device, torch.float64)).clamp_min(1)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         try:
             for i, batch in enumerate(batches):
-                sync = nullcontext() if world == 1 or i == len(batches) - 1 else ddp.no_sync()
+                sync = nullcontext() if not distributed or i == len(batches) - 1 else ddp.no_sync()
                 with sync:
                     with autocast:
                         loss_sum = task.loss_sum(ddp, batch)
@@ -318,12 +330,12 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         if device.type == "cuda":
             torch.cuda.synchronize()
         state["train_time"] += time.perf_counter() - t0
-        n_tokens = all_sum(torch.tensor(float(sum(task.tokens(b) for b in batches)), device=device), world)
+        n_tokens = all_sum(torch.tensor(float(sum(task.tokens(b) for b in batches)), device=device))
         state["step"] += 1
         state["samples"] += global_batch
         state["tokens"] += int(n_tokens)
         window_tokens += int(n_tokens)
-        window_loss.append(float(all_sum(step_loss, world) / n_global))
+        window_loss.append(float(all_sum(step_loss) / n_global))
         done_here += 1
         bar.update(1)
 
@@ -366,7 +378,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         print(f"done: {summary['steps']} steps, {summary['samples_per_s']:.2f} samples/s, "
               f"{summary['tokens_per_s']:,.0f} tokens/s; model in {args.out}")
     log({"summary": summary, **{f"final_{k}": v for k, v in metrics.items()}})
-    barrier(world)
+    barrier()
     return metrics
 
 

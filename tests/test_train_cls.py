@@ -14,6 +14,7 @@ from tokenizers import ByteLevelBPETokenizer
 
 import longformer
 from conftest import transformers
+from device import DEVICE
 from longformer import feedback
 from longformer.data import read_labelled
 
@@ -42,7 +43,7 @@ def base(tmp_path_factory):
 
 
 def run(*args, ok=True):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train_cls.py"), *map(str, args)],
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train_cls.py"), "--device", DEVICE.type, *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     if ok:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -50,8 +51,9 @@ def run(*args, ok=True):
 
 
 def hf_matches(out_dir, cls_name, ids):
-    ours = getattr(longformer, cls_name).from_pretrained(str(out_dir)).eval()
-    hf = getattr(transformers, cls_name).from_pretrained(str(out_dir)).eval()
+    ours = getattr(longformer, cls_name).from_pretrained(str(out_dir)).eval().to(DEVICE)
+    hf = getattr(transformers, cls_name).from_pretrained(str(out_dir)).eval().to(DEVICE)
+    ids = ids.to(DEVICE)
     torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
     return ours, hf
 
