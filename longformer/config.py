@@ -8,7 +8,7 @@ from .kernels.sdpa import parse_backends
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "dense")
-RUNTIME_FIELDS = ("attention_backend", "sdpa_backends", "gradient_checkpointing")
+RUNTIME_FIELDS = ("attention_backend", "sdpa_backends", "gradient_checkpointing", "max_global_tokens")
 
 
 @dataclass
@@ -36,10 +36,13 @@ class LongformerConfig:
     # Run-time choices, not written to config.json: the attention kernel (longformer/attention/self_attention.py),
     # which of torch's SDPA kernels it may use, in order (e.g. "cudnn,efficient"; None: the per-device defaults
     # of longformer/kernels/sdpa.py, or $LONGFORMER_SDPA_BACKENDS), and whether layers recompute their
-    # activations in the backward pass.
+    # activations in the backward pass. max_global_tokens: a static count of global-token slots per example
+    # (None: as many as the batch needs, read from the mask once per forward); set, the forward has no host
+    # sync (torch.compile sees one graph with global tokens too), and exported models need it.
     attention_backend: str = "auto"
     sdpa_backends: str | None = None
     gradient_checkpointing: bool = False
+    max_global_tokens: int | None = None
     # Fields of config.json that this library does not use, kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -75,6 +78,10 @@ class LongformerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             fail(f"unknown attention_backend {self.attention_backend!r}; "
                  f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.max_global_tokens is not None and (not isinstance(self.max_global_tokens, int)
+                                                   or isinstance(self.max_global_tokens, bool)
+                                                   or self.max_global_tokens < 0):
+            fail(f"max_global_tokens must be a non-negative integer or None, got {self.max_global_tokens!r}")
         if self.sdpa_backends is not None:
             try:
                 parse_backends(self.sdpa_backends)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _atomic(path: str, write):
+def atomic_write(path: str, write):
+    """write(tmp) makes the file under a temporary name; it replaces path only if write returns."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -21,12 +22,12 @@ def atomic_write_text(path: str, text: str):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save_safetensors(path: str, tensors: dict, metadata: dict | None = None):
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_torch_save(path: str, obj):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

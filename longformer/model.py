@@ -171,7 +171,8 @@ class LongformerModel(LongformerPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
         keep = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        masks = AttentionMasks(keep, None if global_attention_mask is None else global_attention_mask.bool())
+        masks = AttentionMasks(keep, None if global_attention_mask is None else global_attention_mask.bool(),
+                               self.config.max_global_tokens)
 
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         hidden_states = [x] if output_hidden_states else None

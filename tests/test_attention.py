@@ -142,6 +142,9 @@ def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
     gm[0, [0, 7]] = 1  # with global tokens: one break, where their count is read
     torch.testing.assert_close(compiled(ids, global_attention_mask=gm).logits,
                                model(ids, global_attention_mask=gm).logits, atol=1e-5, rtol=0)
+    model.config.max_global_tokens = 2  # a static count of global slots: one graph with global tokens too
+    explained = torch._dynamo.explain(model)(ids, global_attention_mask=gm, labels=labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_backend_can_be_switched_on_a_built_model(monkeypatch):

@@ -7,28 +7,31 @@ from ..kernels import window_mask
 class AttentionMasks:
     """keep [B, L] bool: real tokens (False = padding). is_global [B, L] bool: tokens with global attention.
 
-    Global tokens are gathered into G slots per example (G = the most any example has; the one host sync
-    that global attention needs, taken once per forward rather than once per layer, and not at all when
-    no global_attention_mask is given).
+    Global tokens are gathered into G slots per example. G is max_global when given (a static count:
+    no host sync, so torch.compile and export see one graph; an example with more global tokens is an
+    error), else the most any example has: the one host sync that global attention needs, taken once per
+    forward rather than once per layer, and not at all when no global_attention_mask is given.
     """
 
-    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None):
+    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None):
         self.keep = keep
-        L = keep.shape[1]
-        if is_global is None:  # no global tokens: nothing to count, no host sync (torch.compile sees one graph)
-            self.is_global = torch.zeros_like(keep)
-            self.num_global = 0
-            counts = torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
-        else:
-            self.is_global = is_global & keep  # a padding token is never global
-            counts = self.is_global.sum(dim=1)  # [B]
-            self.num_global = int(counts.max())
+        B, L = keep.shape
+        self.is_global = torch.zeros_like(keep) if is_global is None else is_global & keep  # padding is never global
+        counts = self.is_global.sum(dim=1)  # [B]
+        if max_global is not None:
+            self.num_global = max_global
+            if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+                _check_global_counts(counts, max_global)
+        else:  # without global tokens nothing to count: no host sync
+            self.num_global = 0 if is_global is None else int(counts.max())
         self.local_keys = keep & ~self.is_global
-        # Slots in position order: global tokens score higher than the rest, earlier ones a little higher.
-        position = torch.arange(L, device=keep.device)
-        score = self.is_global.long() * L - position
-        self.global_idx = score.topk(self.num_global, dim=1).indices  # [B, G]
-        self.global_valid = torch.arange(self.num_global, device=keep.device) < counts[:, None]  # [B, G]
+        # Slot s of example b holds the position of its s-th global token (in position order); slots past
+        # the example's count hold position 0 and are marked invalid. Scattered through one spare column.
+        G = self.num_global
+        slot = torch.where(self.is_global, self.is_global.long().cumsum(1) - 1, G).clamp(max=G)  # [B, L]
+        position = torch.arange(L, device=keep.device).expand(B, L)
+        self.global_idx = keep.new_zeros(B, G + 1, dtype=torch.long).scatter(1, slot, position)[:, :G]  # [B, G]
+        self.global_valid = torch.arange(G, device=keep.device) < counts[:, None]  # [B, G]
         self._window_masks = {}
 
     def window_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -51,3 +54,11 @@ class AttentionMasks:
         placed = torch.zeros_like(x).scatter_add(1, idx, rows * valid)
         is_global = self.is_global.view(*self.is_global.shape, *[1] * (x.dim() - 2))
         return torch.where(is_global, placed, x)
+
+
+def _check_global_counts(counts: torch.Tensor, max_global: int):
+    if bool((counts > max_global).any()):
+        row = int(counts.argmax())
+        raise ValueError(f"example {row} of the batch has {int(counts[row])} global tokens, more than the "
+                         f"max_global_tokens={max_global} this model was set (or exported) for: give fewer global "
+                         f"tokens, or raise max_global_tokens")

@@ -15,16 +15,31 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 
-def _pad_seq(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """Zero-pad dim 1 (the sequence) of x [B, L, ...]; works for every dtype, bool included."""
-    if left == 0 and right == 0:
-        return x
+def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
+    """x [B, L, *rest] -> [B, (before + nc + after) * w, *rest], nc = num_blocks(L, w): `before` blocks of zeros,
+    x, zeros up to whole blocks, `after` blocks of zeros. Works for every dtype, bool included."""
+    L = x.shape[1]
+    nc = num_blocks(L, w)
     zeros = lambda n: x.new_zeros(x.shape[0], n, *x.shape[2:])  # noqa: E731
-    return torch.cat([zeros(left), x, zeros(right)], dim=1)
+    if isinstance(L, int):
+        pad = nc * w - L + after * w
+        return x if before == pad == 0 else torch.cat([zeros(before * w), x, zeros(pad)], dim=1)
+    # A symbolic L (torch.export): zeros of static sizes, then a slice, so that no size depends on L % w and
+    # the exported graph holds for every length.
+    padded = torch.cat([zeros(before * w), x, zeros((after + 1) * w)], dim=1)
+    return contiguous(padded.narrow(1, 0, (before + nc + after) * w))
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy. Unlike .contiguous() or reshape, it asks nothing about the sizes, so that torch.export
+    adds no guard such as batch != 1 (which would make the exported graph refuse a batch of one)."""
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def num_blocks(length: int, w: int) -> int:
-    return -(-length // w)
+    # Written with positive operands only: an exported graph's integer division truncates (ONNX Div),
+    # which equals floor division only there.
+    return (length + w - 1) // w
 
 
 # Key slots per block are padded to a multiple of this: CUDA's memory-efficient SDPA wants every mask
@@ -45,7 +60,7 @@ def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> t
     """
     B, L, rest = x.shape[0], x.shape[1], x.shape[2:]
     nc = num_blocks(L, w)
-    xb = _pad_seq(x, w, nc * w - L + w).view(B, nc + 2, w, *rest)  # [B, nc + 2, w, *rest]
+    xb = _pad_blocks(x, w, 1, 1).view(B, nc + 2, w, *rest)  # [B, nc + 2, w, *rest]
     parts = [xb[:, :-2], xb[:, 1:-1], xb[:, 2:]]
     G = 0 if extra is None else extra.shape[1]
     if G:
@@ -75,7 +90,7 @@ def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: tor
     # |(c*w + a) - ((c-1)*w + b)| <= w over the 3w window keys; past them the slots decide by themselves.
     band = ((b >= a) & (b <= a + 2 * w)) | (b >= 3 * w)  # [w, S]
     allowed = band & key_windows(local_keys, w, global_valid)[:, :, None, :]  # [B, nc, w, S]
-    not_real = ~_pad_seq(keep, 0, nc * w - L).view(B, nc, w, 1)
+    not_real = ~_pad_blocks(keep, w).view(B, nc, w, 1)
     allowed |= not_real & (b == a + w)  # the query's own slot, in the middle block
     # The dtype's most negative finite value rather than -inf, with q's dtype, so that SDPA casts nothing.
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -138,8 +153,8 @@ def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None
     window_mask; sdpa_backends as for attend. Returns [B, L, H, D]."""
     B, L, H, D = q.shape
     nc = num_blocks(L, w)
-    qb = _pad_seq(q, 0, nc * w - L).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
+    qb = _pad_blocks(q, w).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
     kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D], S = num_keys(w, G)
     vw = key_windows(v, w, v_global).flatten(0, 1).transpose(1, 2)
     out = attend(qb, kw, vw, mask, dropout_p, sdpa_backends)  # [B*nc, H, w, D]
-    return out.transpose(1, 2).reshape(B, nc * w, H, D)[:, :L]
+    return out.transpose(1, 2).reshape(B, nc * w, H, D).narrow(1, 0, L)

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .banded import contiguous
+
 
 def global_query_attention(q_global, x, key_global: torch.nn.Linear, value_global: torch.nn.Linear,
                            key_keep, dropout_p: float = 0.0):
@@ -25,13 +27,17 @@ def global_query_attention(q_global, x, key_global: torch.nn.Linear, value_globa
     wk = key_global.weight.view(H, D, C)
     wv = value_global.weight.view(H, D, C)
     # Heads folded into the rows, so that x is shared by every head rather than broadcast (copied) to each.
-    q_in = torch.einsum("bghd,hdc->bhgc", q_global, wk).reshape(B, H * G, C)  # queries in input space
+    # Heads as bmm's batch, so that no operand is broadcast over B (export then holds for B = 1 too).
+    qh = contiguous(q_global.permute(2, 0, 1, 3)).view(H, B * G, D)
+    q_in = torch.bmm(qh, wk).view(H, B, G, C).transpose(0, 1)  # [B, H, G, C]: queries in input space
+    q_in = contiguous(q_in).view(B, H * G, C)
     scores = torch.bmm(q_in, x.transpose(1, 2)) * (1.0 / math.sqrt(D))  # [B, H*G, L]
     scores = scores.masked_fill(~key_keep[:, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_in.dtype)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     mixed = torch.bmm(probs, x.to(probs.dtype)).view(B, H, G, C)
-    out = torch.einsum("bhgc,hdc->bghd", mixed, wv)
+    out = torch.bmm(contiguous(mixed.transpose(0, 1)).view(H, B * G, C), wv.transpose(1, 2))  # [H, B*G, D]
+    out = out.view(H, B, G, D).permute(1, 2, 0, 3)  # [B, G, H, D]
     bias = value_global.bias.view(H, D) * probs.sum(-1).view(B, H, G).transpose(1, 2)[..., None]  # [B, G, H, D]
     return out + bias.to(out.dtype)
