@@ -1,10 +1,12 @@
 """A from-scratch, pure-PyTorch Longformer that loads HF/RoBERTa checkpoints and matches HF transformers."""
 from .config import LongformerConfig
-from .model import (LongformerForMaskedLM, LongformerForSequenceClassification, LongformerForTokenClassification,
-                    LongformerModel, LongformerPreTrainedModel)
+from .model import (LongformerForMaskedLM, LongformerForMultipleChoice, LongformerForQuestionAnswering,
+                    LongformerForSequenceClassification, LongformerForTokenClassification, LongformerModel,
+                    LongformerPreTrainedModel)
 
 __all__ = ["LongformerConfig", "LongformerModel", "LongformerForMaskedLM", "LongformerForSequenceClassification",
-           "LongformerForTokenClassification", "LongformerPreTrainedModel"]
+           "LongformerForTokenClassification", "LongformerForQuestionAnswering", "LongformerForMultipleChoice",
+           "LongformerPreTrainedModel"]
 from .tokenizer import load_tokenizer
 
 __all__ += ["load_tokenizer", "convert_roberta"]

@@ -225,7 +225,11 @@ def main(argv=None):
         p.error(f"{args.out} exists: choose another name, or --overwrite")
     from .config import LongformerConfig
     config = LongformerConfig.from_pretrained(args.checkpoint)
-    head = args.head or next((a for a in config.extra.get("architectures", []) if a in HEADS), "LongformerModel")
+    own = (config.extra.get("architectures") or ["LongformerModel"])[0]
+    head = args.head or own
+    if head not in HEADS:
+        p.error(f"{own} cannot be exported yet (exportable: {', '.join(HEADS)}); --head LongformerModel exports its "
+                f"encoder")
     model = HEADS[head].from_pretrained(args.checkpoint)
     if args.format == "onnx":
         worst = export_onnx(model, args.out, args.max_global_tokens, args.tolerance)

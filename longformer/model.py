@@ -1,4 +1,5 @@
 """The Longformer encoder and its task heads, with HF's class, argument and output names."""
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -41,6 +42,14 @@ class LongformerBaseModelOutput(ModelOutput):
 class LongformerHeadOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class LongformerQuestionAnsweringModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -301,4 +310,85 @@ class LongformerForTokenClassification(LongformerPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return LongformerHeadOutput(loss, logits, out.hidden_states)
+
+
+def _segment_global_mask(input_ids, sep_token_id: int, question_first: bool, choices: int | None = None):
+    """HF's default global attention for a pair <s> A </s></s> B </s>: the tokens of A (before the first
+    </s>) when question_first, else the tokens after the first </s></s>. input_ids [N, L] -> [N, L] long
+    (N = batch x choices for multiple choice).
+
+    HF asserts that the batch holds three </s> per row; here a row without one is named."""
+    is_sep = input_ids.eq(sep_token_id)
+    missing = (~is_sep.any(dim=1)).nonzero()
+    if len(missing):
+        r = int(missing[0])
+        what = f"row {r}" if choices is None else f"example {r // choices}, choice {r % choices},"
+        raise ValueError(f"{what} has no separator token (sep_token_id {sep_token_id}): the default "
+                         f"global attention needs inputs laid out as <s> question </s></s> text </s>; give "
+                         f"global_attention_mask to choose the global tokens yourself")
+    first = is_sep.int().argmax(dim=1, keepdim=True)  # the first </s> of each row
+    position = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    return (position < first if question_first else position > first + 1).long()
+
+
+class LongformerForQuestionAnswering(LongformerPreTrainedModel):
+    """Extractive QA: a start and an end score per token."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.qa_outputs.apply(self.init_weights)
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, start_positions=None, end_positions=None,
+                output_hidden_states=False) -> LongformerQuestionAnsweringModelOutput:
+        """Without a global_attention_mask the question (the tokens before the first </s>) is global, as in HF.
+        start_positions, end_positions [B]: token indices; those outside the input are ignored by the loss."""
+        if global_attention_mask is None:
+            if input_ids is None:
+                warnings.warn("no global_attention_mask and no input_ids to find the question in: "
+                              "no token gets global attention")
+            else:
+                global_attention_mask = _segment_global_mask(input_ids, self.config.sep_token_id, True)
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                              inputs_embeds, output_hidden_states)
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)  # [B, L] each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]  # HF's rule: positions past the input are clamped to L, then ignored
+            loss = sum(F.cross_entropy(logits.float(), positions.reshape(-1).clamp(0, ignored), ignore_index=ignored)
+                       for logits, positions in ((start_logits, start_positions), (end_logits, end_positions))) / 2
+        return LongformerQuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states)
+
+
+class LongformerForMultipleChoice(LongformerPreTrainedModel):
+    """One score per choice, from the pooled <s> of each (question, choice) sequence."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.classifier.apply(self.init_weights)
+
+    def forward(self, input_ids=None, token_type_ids=None, attention_mask=None, global_attention_mask=None,
+                labels=None, position_ids=None, inputs_embeds=None, output_hidden_states=False) -> LongformerHeadOutput:
+        """Inputs [B, num_choices, L] (HF's argument order); logits [B, num_choices]; labels [B]: the right
+        choice. Without a global_attention_mask, the tokens after the first </s></s> are global, as in HF."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None or ref.dim() != (3 if input_ids is not None else 4):
+            raise ValueError("give input_ids [batch, num_choices, length] (or inputs_embeds [batch, num_choices, "
+                             f"length, hidden]), got {None if ref is None else tuple(ref.shape)}")
+        B, num_choices = ref.shape[:2]
+        flat = lambda t: None if t is None else t.reshape(B * num_choices, *t.shape[2:])  # noqa: E731
+        global_mask = flat(global_attention_mask)  # [B * num_choices, L]
+        if global_mask is None and input_ids is not None:
+            global_mask = _segment_global_mask(flat(input_ids), self.config.sep_token_id, False, num_choices)
+        out = self.longformer(flat(input_ids), flat(attention_mask), global_mask, flat(token_type_ids),
+                              flat(position_ids), flat(inputs_embeds), output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output)).view(B, num_choices)
+        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
         return LongformerHeadOutput(loss, logits, out.hidden_states)
