@@ -1,5 +1,5 @@
-"""Fine-tune a Longformer on long documents: document classification, or token classification of
-discourse elements (Kaggle's Feedback Prize - Evaluating Student Writing).
+"""Fine-tune a Longformer on long documents: document classification, token classification of discourse
+elements (Kaggle's Feedback Prize - Evaluating Student Writing), or extractive question answering (spans).
 
     python train_cls.py                                                  # embedded demo, no downloads
     python train_cls.py --init CKPT --data reviews.csv --text-column review --label-column stars
@@ -7,211 +7,34 @@ discourse elements (Kaggle's Feedback Prize - Evaluating Student Writing).
     python train_cls.py --init longformer-base-1k-pretrained --data feedback-prize/ --max-length 1024 \
         --predict feedback-prize/test                                    # writes submission.csv
     python train_cls.py --init RUN_DIR --predict new.csv                 # predictions only
+    python train_cls.py --task qa                                        # embedded QA demo: needs global attention
+    python train_cls.py --task qa --init CKPT --data train-v1.1.json --val-data dev-v1.1.json --max-length 4096
 
 The task is guessed from --data: a folder holding train.csv and train/ is Feedback Prize (token
-classification); anything else is document classification. Runs on the same loop as train_mlm.py
+classification); anything else is document classification; --task qa reads SQuAD-format JSON or .jsonl. Runs on the same loop as train_mlm.py
 (torch.distributed, autocast, accumulation, resume).
 """
 import argparse
 import csv
+import json
 import os
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import longformer
 from longformer import demo, feedback
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.data import hold_out, read_labelled
+from longformer.files import atomic_write_text
+from longformer.tasks import DocumentTask, TokenTask, encode_documents, label_targets, read_unlabelled
+from longformer.tasks.spans import SpanTask, read_qa
 from longformer.tokenizer import copy_tokenizer_files
-from longformer.trainer import Task, setup_distributed, to_device, train
+from longformer.trainer import setup_distributed, to_device, train
 
 DEMO = dict(max_length=512, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=300, eval_every=50,
             log_every=10)
-
-
-# -- document classification ------------------------------------------------------------------------
-
-class DocumentTask(Task):
-    """One label per document (or several, multi_label), read from <s>, which has global attention."""
-
-    def __init__(self, labels: list[str], pad_id: int, multi_label: bool, global_first: bool = True):
-        self.labels, self.pad_id, self.multi_label, self.global_first = labels, pad_id, multi_label, global_first
-
-    def collate(self, examples, seed=0):
-        longest = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), longest), self.pad_id, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, :len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
-        batch = {"input_ids": ids, "attention_mask": ids.ne(self.pad_id).long()}
-        batch["global_attention_mask"] = torch.zeros_like(ids)
-        batch["global_attention_mask"][:, 0] = int(self.global_first)
-        if "label" in examples[0]:
-            batch["labels"] = torch.as_tensor(np.stack([e["label"] for e in examples]))
-        return batch
-
-    def logits(self, model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     global_attention_mask=batch["global_attention_mask"]).logits.float()
-
-    def count(self, batch):
-        return torch.tensor(batch["labels"].numel())
-
-    def _loss(self, logits, labels):
-        if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
-        return F.cross_entropy(logits, labels, reduction="sum")
-
-    def loss_sum(self, model, batch):
-        return self._loss(self.logits(model, batch), batch["labels"])
-
-    def predict(self, logits):
-        """[B, K] bool: the labels each document gets."""
-        if self.multi_label:
-            return logits > 0
-        return F.one_hot(logits.argmax(-1), len(self.labels)).bool()
-
-    def eval_sums(self, model, batch):
-        logits, labels = self.logits(model, batch), batch["labels"]
-        pred = self.predict(logits)
-        truth = labels.bool() if self.multi_label else F.one_hot(labels, len(self.labels)).bool()
-        return {"loss": self._loss(logits, labels), "items": torch.tensor(labels.numel()),
-                "correct": (pred == truth).all(-1).sum(), "documents": torch.tensor(len(labels)),
-                "tp": (pred & truth).sum(0), "fp": (pred & ~truth).sum(0), "fn": (~pred & truth).sum(0)}
-
-    def metrics(self, sums):
-        tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
-        f1 = feedback.f1_scores(tp.numpy(), fp.numpy(), fn.numpy(), self.labels)
-        return {"loss": float(sums["loss"] / sums["items"]), "accuracy": float(sums["correct"] / sums["documents"]),
-                "macro_f1": f1.pop("macro_f1"), **{f"f1[{k}]": v for k, v in f1.items()}}
-
-
-def encode_documents(texts, tokenizer, max_length, label_ids=None):
-    """<s> text </s>, cut to max_length (keeping the closing </s>)."""
-    eos = tokenizer.token_to_id("</s>")
-    out = []
-    for i, enc in enumerate(tokenizer.encode_batch(texts)):
-        ids = enc.ids if len(enc.ids) <= max_length else enc.ids[:max_length - 1] + [eos]
-        example = {"index": i, "input_ids": np.asarray(ids, dtype=np.int64)}
-        if label_ids is not None:
-            example["label"] = label_ids[i]
-        out.append(example)
-    return out
-
-
-def label_targets(labels, names, multi_label, where):
-    index = {n: i for i, n in enumerate(names)}
-    targets = []
-    for found in labels:
-        unknown = [l for l in found if l not in index]
-        if unknown:
-            raise SystemExit(f"label {unknown[0]!r} in {where} was never seen in training (training labels: "
-                             f"{', '.join(names)})")
-        if multi_label:
-            t = np.zeros(len(names), dtype=np.float32)
-            t[[index[l] for l in found]] = 1
-        else:
-            t = np.int64(index[found[0]])
-        targets.append(t)
-    return targets
-
-
-# -- token classification (Feedback Prize) -----------------------------------------------------------
-
-class TokenTask(Task):
-    """BIO tags per token over overlapping windows; scored per essay with the competition's metric."""
-
-    def __init__(self, labels, tokenizer, max_length: int, overlap: int, min_words: int):
-        self.labels, self.label2id = labels, {l: i for i, l in enumerate(labels)}
-        self.classes = sorted({l[2:] for l in labels if l != "O"}, key=lambda c: labels.index("B-" + c))
-        self.tok = tokenizer
-        self.size, self.overlap, self.min_words = max_length - 2, overlap, min_words
-        self.bos, self.eos, self.pad = (tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
-
-    def encode(self, essay):
-        """Token ids, the word of each token, and (for essays with elements) each token's tag."""
-        enc = self.tok.encode(essay.text, add_special_tokens=False)
-        words = feedback.token_word_index(enc.offsets, essay.words, len(essay.text))
-        tags = feedback.token_labels(words, feedback.word_labels(essay, self.label2id), self.label2id)
-        return np.asarray(enc.ids, dtype=np.int64), words, tags
-
-    def windows(self, n_tokens):
-        return feedback.windows(n_tokens, self.size, max(1, self.size - self.overlap))
-
-    def training_examples(self, essays):
-        examples = []
-        for essay in essays:
-            ids, _, tags = self.encode(essay)
-            for s, e in self.windows(len(ids)):
-                examples.append({"index": len(examples), "input_ids": np.concatenate([[self.bos], ids[s:e], [self.eos]]),
-                                 "labels": np.concatenate([[-100], tags[s:e], [-100]])})
-        return examples
-
-    def _pad(self, rows, value):
-        out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.as_tensor(r)
-        return out
-
-    def collate(self, examples, seed=0):
-        ids = self._pad([e["input_ids"] for e in examples], self.pad)
-        return {"input_ids": ids, "attention_mask": ids.ne(self.pad).long(),
-                "labels": self._pad([e["labels"] for e in examples], -100)}
-
-    def collate_eval(self, essays, seed=0):
-        """Whole essays: all their windows, and where each window's tokens belong."""
-        rows, labels, places, encoded = [], [], [], []
-        for n, essay in enumerate(essays):
-            ids, words, tags = self.encode(essay)
-            encoded.append((essay, words))
-            for s, e in self.windows(len(ids)):
-                rows.append(np.concatenate([[self.bos], ids[s:e], [self.eos]]))
-                labels.append(np.concatenate([[-100], tags[s:e], [-100]]))
-                places.append((n, s, e))
-        ids = self._pad(rows, self.pad)
-        return {"input_ids": ids, "attention_mask": ids.ne(self.pad).long(), "labels": self._pad(labels, -100),
-                "places": places, "essays": encoded}
-
-    def count(self, batch):
-        return batch["labels"].ne(-100).sum()
-
-    def loss_sum(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
-
-    def essay_spans(self, model, batch):
-        """Per essay: the predicted elements, from tag probabilities averaged over the windows."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        probs = [np.zeros((len(words), len(self.labels))) for _, words in batch["essays"]]
-        sums = [np.zeros((len(words), len(self.labels))) for _, words in batch["essays"]]
-        seen = [np.zeros(len(words)) for _, words in batch["essays"]]
-        token_probs = logits.softmax(-1).cpu().numpy()
-        for w, (n, s, e) in enumerate(batch["places"]):
-            sums[n][s:e] += token_probs[w, 1:1 + e - s]
-            seen[n][s:e] += 1
-        spans = []
-        for n, (essay, words) in enumerate(batch["essays"]):
-            probs = sums[n] / np.maximum(seen[n], 1)[:, None]
-            first = feedback.first_token_of_words(words, len(essay.words))
-            tags = [self.labels[int(probs[t].argmax())] if t >= 0 else "O" for t in first]
-            spans.append((essay, feedback.decode_spans(tags, self.min_words)))
-        return logits, spans
-
-    def eval_sums(self, model, batch):
-        logits, spans = self.essay_spans(model, batch)
-        tp, fp, fn = (np.zeros(len(self.classes), dtype=np.int64) for _ in range(3))
-        for essay, predicted in spans:
-            counts = feedback.match_counts(predicted, essay.spans, self.classes)
-            tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-        return {"loss": loss, "tokens": self.count(batch), "tp": torch.as_tensor(tp), "fp": torch.as_tensor(fp),
-                "fn": torch.as_tensor(fn)}
-
-    def metrics(self, sums):
-        f1 = feedback.f1_scores(sums["tp"].numpy(), sums["fp"].numpy(), sums["fn"].numpy(), self.classes)
-        return {"loss": float(sums["loss"] / sums["tokens"]), "macro_f1": f1.pop("macro_f1"),
-                **{f"f1[{k}]": v for k, v in f1.items()}}
+DEMO_QA = dict(max_length=1024, batch_size=8, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=300, eval_every=100,
+               log_every=10)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -223,14 +46,17 @@ def build_parser():
                                   "(train.csv + train/); none: the embedded demo")
     g.add_argument("--val-data", help="validation set in the same form (default: hold out --val-fraction)")
     g.add_argument("--val-fraction", type=number(float, 0, strict=True), default=0.1)
-    g.add_argument("--task", choices=("auto", "doc", "token"), default="auto")
+    g.add_argument("--task", choices=("auto", "doc", "token", "qa"), default="auto")
     g.add_argument("--text-column", default="text")
     g.add_argument("--label-column", default="label")
     g.add_argument("--multi-label", action="store_true", help="several labels per document: sigmoid + BCE")
     g.add_argument("--no-global-attention", action="store_true",
-                   help="document task: no global token (to see what global attention brings)")
+                   help="document and qa tasks: no global token (to see what global attention brings)")
     g.add_argument("--max-length", type=number(int, 8), default=4096, help="tokens per document or window")
-    g.add_argument("--overlap", type=number(int, 0), default=128, help="token task: tokens shared by neighbouring windows")
+    g.add_argument("--overlap", type=number(int, 0), default=128,
+                   help="token and qa tasks: tokens shared by neighbouring windows")
+    g.add_argument("--max-answer-tokens", type=number(int, 1), default=30, help="qa task: longest answer predicted")
+    g.add_argument("--n-best", type=number(int, 1), default=20, help="qa task: starts and ends tried per window")
     g.add_argument("--min-span-words", type=number(int, 1), default=1, help="token task: shortest element kept")
     g.add_argument("--predict", help="texts to label after training (same forms; for the token task a folder of "
                                      "<id>.txt essays)")
@@ -244,7 +70,7 @@ def parse_args(argv=None):
     p = build_parser()
     first, _ = p.parse_known_args(argv)
     if not first.data and not first.init:
-        p.set_defaults(**DEMO)
+        p.set_defaults(**(DEMO_QA if first.task == "qa" else DEMO))
     args = p.parse_args(argv)
     if args.data and not args.init:
         p.error("--data needs --init: the checkpoint to fine-tune")
@@ -305,6 +131,42 @@ def doc_job(args, tokenizer):
         encode_documents(val_texts, tokenizer, args.max_length, val_targets)
 
 
+def qa_job(args, tokenizer):
+    if not args.data:
+        print("no --data: the embedded QA demo. Each context is ~950 tokens of Python docstrings with three "
+              "sentences 'NAME holds the COLOUR key.' anywhere in it; the question asks for one NAME's colour. "
+              "Tokens see 128 tokens through the windows of 4 layers: only global attention on the question "
+              "tells the facts which name is asked.")
+        train_examples, val_examples = demo.qa_examples(demo.corpus(), 2400, seed=0), \
+            demo.qa_examples(demo.corpus(), 200, seed=1)
+        skipped = {}
+    else:
+        examples, skipped = read_qa(args.data)
+        if args.val_data:
+            val_examples, val_skipped = read_qa(args.val_data)
+            skipped = {k: skipped.get(k, 0) + val_skipped.get(k, 0) for k in {*skipped, *val_skipped}}
+            train_examples = examples
+        else:
+            train_examples, val_examples = hold_out(examples, args.val_fraction, args.seed)
+    task = SpanTask(tokenizer, args.max_length, args.overlap, not args.no_global_attention, args.max_answer_tokens,
+                    args.n_best)
+    train_encoded, train_skipped = task.encode(train_examples)
+    val_set, val_skipped = task.encode(val_examples)
+    unanswered = sum(1 for e in train_examples if not e.answers)
+    for reason, n in {**skipped, **(train_skipped + val_skipped)}.items():
+        print(f"skipped: {n} {reason}")
+    if unanswered:
+        print(f"note: {unanswered} training examples have no answer: all their windows point at <s>")
+    train_set = task.training_examples(train_encoded)
+    print(f"{len(train_encoded)} training questions -> {len(train_set)} windows of up to {args.max_length} tokens; "
+          f"{len(val_set)} validation questions")
+    if args.init:
+        model = load_model(longformer.LongformerForQuestionAnswering, args, {0: "start", 1: "end"})
+    else:
+        model = longformer.LongformerForQuestionAnswering(demo.demo_config(tokenizer.get_vocab_size(), args.max_length))
+    return model, task, train_set, val_set
+
+
 def token_job(args, tokenizer):
     essays = feedback.read_essays(args.data)
     if args.val_data:
@@ -322,14 +184,24 @@ def token_job(args, tokenizer):
     return model, task, train_set, val
 
 
-def predict(args, model, task, tokenizer):
-    """Label --predict with the trained (or --init) model; writes a CSV."""
+def predict(args, model, task, tokenizer, val_set=None):
+    """Label --predict with the trained (or --init) model; writes a CSV (predictions.json for QA: --predict,
+    or else the validation questions)."""
     _, _, device = setup_distributed(args.device)
     model.to(device).eval()
-    default = "submission.csv" if isinstance(task, TokenTask) else "predictions.csv"
+    default = {TokenTask: "submission.csv", SpanTask: "predictions.json"}.get(type(task), "predictions.csv")
     path = args.predictions or os.path.join(args.out or ".", default)
     with torch.no_grad():
-        if isinstance(task, TokenTask):
+        if isinstance(task, SpanTask):  # SQuAD's predictions file: {question id: answer text}
+            examples, skipped = read_qa(args.predict) if args.predict else (None, {})
+            encoded = task.encode(examples)[0] if examples is not None else val_set
+            answers = {}
+            for s in range(0, len(encoded), args.batch_size):
+                part = encoded[s:s + args.batch_size]
+                texts = task.predict(model, to_device(task.collate_eval(part), device))
+                answers.update({enc[0].id: t for enc, t in zip(part, texts)})
+            atomic_write_text(path, json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
+        elif isinstance(task, TokenTask):
             essays = [feedback.Essay(i, t) for i, t in feedback.read_essay_texts(args.predict).items()]
             found = {}
             for s in range(0, len(essays), args.batch_size):
@@ -351,12 +223,6 @@ def predict(args, model, task, tokenizer):
     print(f"wrote {path}")
 
 
-def read_unlabelled(path, text_column):
-    if os.path.isdir(path):
-        return [open(os.path.join(path, f), encoding="utf-8").read() for f in sorted(os.listdir(path)) if f.endswith(".txt")]
-    return read_labelled(path, text_column, label_column=None)[0]
-
-
 def per_class_report(metrics):
     rows = [(k[3:-1], v) for k, v in metrics.items() if k.startswith("f1[")]
     if rows:
@@ -373,6 +239,11 @@ def main(argv=None):
         raise SystemExit("no tokenizer: give --tokenizer DIR")
     tokenizer = longformer.load_tokenizer(tokenizer_dir)
     if not args.data and args.init:  # predictions only
+        if args.task == "qa":
+            model = longformer.LongformerForQuestionAnswering.from_pretrained(args.init)
+            task = SpanTask(tokenizer, args.max_length, args.overlap, not args.no_global_attention,
+                            args.max_answer_tokens, args.n_best)
+            return predict(args, model, task, tokenizer)
         model_cls = longformer.LongformerForTokenClassification if args.task == "token" else \
             longformer.LongformerForSequenceClassification
         model = model_cls.from_pretrained(args.init)
@@ -382,17 +253,19 @@ def main(argv=None):
                                                       model.config.problem_type == "multi_label_classification")
         return predict(args, model, task, tokenizer)
 
-    model, task, train_set, val_set = (token_job if args.task == "token" else doc_job)(args, tokenizer)
+    model, task, train_set, val_set = {"token": token_job, "qa": qa_job, "doc": doc_job}[args.task](args, tokenizer)
     settings = train_args(args, "cls")
     if args.task == "token" or (settings.target_metric == "accuracy" and args.multi_label):
         settings.target_metric = "macro_f1"
+    if args.task == "qa" and settings.target_metric == "accuracy":
+        settings.target_metric = "exact_match"
     metrics = train(model, task, train_set, val_set, settings, run_settings(args), resume=args.resume,
                     overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:
         copy_tokenizer_files(tokenizer_dir, args.out)
         per_class_report(metrics)
-        if args.predict:
-            predict(args, model, task, tokenizer)
+        if args.predict or args.task == "qa":
+            predict(args, model, task, tokenizer, val_set)
 
 
 if __name__ == "__main__":

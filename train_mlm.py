@@ -11,54 +11,22 @@ end, the model in HF format with its tokenizer.
 """
 import argparse
 import json
-import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 import longformer
 from longformer import demo
-from longformer.data import (collate_mlm, hold_out, pack_blocks, read_documents, read_npz_pair,
-                             tokenize_documents)
+from longformer.data import hold_out, pack_blocks, read_documents, read_npz_pair, tokenize_documents
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
-from longformer.trainer import Task, train
+from longformer.tasks import MLMTask
+from longformer.trainer import train
 
 RECIPES = os.path.join(os.path.dirname(longformer.__file__), "recipes")
 # The embedded demo: a small Longformer (longformer/demo.py) whose window (64) is a quarter of its 256 tokens.
 DEMO = dict(seq_len=256, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.05, weight_decay=0.01, max_steps=1000,
             eval_every=100, log_every=10, precision="fp32")
-
-
-class MLMTask(Task):
-    def __init__(self, mask_id: int, vocab_size: int, mask_prob: float):
-        self.mask_id, self.vocab_size, self.mask_prob = mask_id, vocab_size, mask_prob
-
-    def collate(self, examples, seed):
-        return collate_mlm(examples, seed, self.mask_id, self.vocab_size, self.mask_prob)
-
-    def count(self, batch):
-        return batch["labels"].ne(-100).sum()
-
-    def _scores(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                       logits_at_labels_only=True).logits  # [predicted tokens, vocab]
-        return logits.float(), batch["labels"][batch["labels"].ne(-100)]
-
-    def loss_sum(self, model, batch):
-        logits, target = self._scores(model, batch)
-        return F.cross_entropy(logits, target, reduction="sum")
-
-    def eval_sums(self, model, batch):
-        logits, target = self._scores(model, batch)
-        return {"loss": F.cross_entropy(logits, target, reduction="sum"),
-                "correct": (logits.argmax(-1) == target).sum(), "count": torch.tensor(len(target))}
-
-    def metrics(self, sums):
-        count = max(float(sums["count"]), 1.0)
-        loss = float(sums["loss"]) / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": float(sums["correct"]) / count}
 
 
 # -- arguments ------------------------------------------------------------------------------------

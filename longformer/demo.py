@@ -15,6 +15,9 @@ from .tokenizer import SPECIAL_TOKENS
 DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                   attention_window=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TOPICS = ("zebra", "violin", "glacier")  # words that docstrings do not use
+# The QA demo's facts: who holds which colour. Names and colours that docstrings do not use as such.
+NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ingrid", "Jonas", "Kiri", "Lena")
+COLOURS = ("crimson", "amber", "violet", "teal", "olive", "scarlet", "indigo", "maroon", "ochre", "cobalt")
 
 
 def demo_config(vocab_size: int, max_length: int) -> LongformerConfig:
@@ -50,6 +53,33 @@ def topic_documents(docs: Sequence[str], words_per_doc: int = 280, seed: int = 0
             texts.append(" ".join(chunk))
             labels.append([topic])
     return texts, labels
+
+
+def qa_examples(docs: Sequence[str], n: int, words_per_doc: int = 500, facts: int = 3, seed: int = 0):
+    """A QA task that only global attention on the question solves. Each context is a run of docstring text
+    (about 1,000 tokens) with `facts` sentences "NAME holds the COLOUR key." placed anywhere in it, for
+    different names; the question asks for one name's colour. The context around a fact says nothing about
+    which name is asked: a token reading the fact must see the question, which sits beyond the sliding
+    windows' reach except through global attention."""
+    from .tasks.spans import QAExample
+    rng = np.random.default_rng(seed)
+    words = " ".join(docs).split()
+    out = []
+    for i in range(n):
+        start = int(rng.integers(0, len(words) - words_per_doc))
+        chunk = words[start:start + words_per_doc]
+        names = rng.choice(NAMES, size=facts, replace=False)
+        colours = rng.choice(COLOURS, size=facts, replace=False)
+        at = sorted(rng.choice(words_per_doc, size=facts, replace=False), reverse=True)
+        for a, name, colour in zip(at, names, colours):
+            chunk[a:a] = [f"{name} holds the {colour} key."]
+        context = " ".join(chunk)
+        k = int(rng.integers(facts))
+        sentence = f"{names[k]} holds the {colours[k]} key."
+        answer_start = context.index(sentence) + len(f"{names[k]} holds the ")
+        out.append(QAExample(f"demo-{seed}-{i}", f"Which key does {names[k]} hold?", context,
+                             [(answer_start, str(colours[k]))]))
+    return out
 
 
 @functools.lru_cache(maxsize=1)

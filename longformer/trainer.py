@@ -2,8 +2,8 @@
 gradient accumulation, clipping, AdamW, linear warm-up and decay, evaluation reduced across ranks,
 rank-0 logging and atomic checkpoints that resume exactly.
 
-A task (masked LM, classification) supplies what differs: how a batch is made and what it is scored on.
-Launch one process with `python script.py`, or several with `python -m torch.distributed.run`.
+A task (longformer/tasks/: masked LM, documents, tokens) supplies what differs: how a batch is made and
+what it is scored on. Launch one process with `python script.py`, or several with `python -m torch.distributed.run`.
 """
 import json
 import math
@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .files import atomic_torch_save, atomic_write_text
+from .tasks.base import Task
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,34 +48,6 @@ class TrainArgs:
     target_metric: str = "accuracy"
     stop_after: int = 0  # end this invocation after this many steps, resumable with --resume (0 = never)
     device: str = "auto"  # auto (cuda when torch sees a GPU), cpu, cuda
-
-
-class Task:
-    """What a training job supplies. A batch is a dict of tensors holding at least the model's inputs."""
-
-    def collate(self, examples: list, seed: int) -> dict:
-        raise NotImplementedError
-
-    def collate_eval(self, examples: list, seed: int) -> dict:
-        """Validation batches; the same as training batches unless a task scores whole documents."""
-        return self.collate(examples, seed)
-
-    def count(self, batch: dict) -> torch.Tensor:
-        """How many things this batch predicts: the loss is a sum over them, divided by the global count."""
-        raise NotImplementedError
-
-    def loss_sum(self, model, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """Sums over the batch (loss, correct, count, per-class counts, ...), added up over batches and ranks."""
-        raise NotImplementedError
-
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
 
 
 # -- distributed set-up -------------------------------------------------------------------------
