@@ -11,8 +11,9 @@ elements (Kaggle's Feedback Prize - Evaluating Student Writing), or extractive q
     python train_cls.py --task qa --init CKPT --data train-v1.1.json --val-data dev-v1.1.json --max-length 4096
 
 The task is guessed from --data: a folder holding train.csv and train/ is Feedback Prize (token
-classification); anything else is document classification; --task qa reads SQuAD-format JSON or .jsonl. Runs on the same loop as train_mlm.py
-(torch.distributed, autocast, accumulation, resume).
+classification); anything else is document classification; --task qa reads SQuAD-format JSON or .jsonl.
+Each task is a module of longformer/tasks/. Runs on the same loop as train_mlm.py (torch.distributed,
+autocast, accumulation, resume).
 """
 import argparse
 import csv
@@ -33,7 +34,7 @@ from longformer.trainer import setup_distributed, to_device, train
 
 DEMO = dict(max_length=512, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=300, eval_every=50,
             log_every=10)
-DEMO_QA = dict(max_length=1024, batch_size=8, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=300, eval_every=100,
+DEMO_QA = dict(max_length=1024, batch_size=8, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=500, eval_every=100,
                log_every=10)
 
 
@@ -133,10 +134,10 @@ def doc_job(args, tokenizer):
 
 def qa_job(args, tokenizer):
     if not args.data:
-        print("no --data: the embedded QA demo. Each context is ~950 tokens of Python docstrings with three "
-              "sentences 'NAME holds the COLOUR key.' anywhere in it; the question asks for one NAME's colour. "
-              "Tokens see 128 tokens through the windows of 4 layers: only global attention on the question "
-              "tells the facts which name is asked.")
+        print("no --data: the embedded QA demo. Each context is ~1,000 tokens of Python docstrings with three "
+              "sentences 'The colour is X.', 'The city is Y.', 'The animal is Z.' anywhere in it; the question "
+              "asks for one of them. Tokens see 128 tokens through the windows of 4 layers: only global attention "
+              "on the question tells a fact whether it is the one asked for.")
         train_examples, val_examples = demo.qa_examples(demo.corpus(), 2400, seed=0), \
             demo.qa_examples(demo.corpus(), 200, seed=1)
         skipped = {}

@@ -15,9 +15,10 @@ from .tokenizer import SPECIAL_TOKENS
 DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                   attention_window=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TOPICS = ("zebra", "violin", "glacier")  # words that docstrings do not use
-# The QA demo's facts: who holds which colour. Names and colours that docstrings do not use as such.
-NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ingrid", "Jonas", "Kiri", "Lena")
-COLOURS = ("crimson", "amber", "violet", "teal", "olive", "scarlet", "indigo", "maroon", "ochre", "cobalt")
+# The QA demo's facts: one of each category per context, the question asks for one category.
+FACTS = {"colour": ("crimson", "amber", "violet", "teal", "olive", "scarlet", "indigo", "maroon"),
+         "city": ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Dakar", "Perth"),
+         "animal": ("otter", "falcon", "badger", "lynx", "heron", "walrus", "gecko", "bison")}
 
 
 def demo_config(vocab_size: int, max_length: int) -> LongformerConfig:
@@ -55,12 +56,11 @@ def topic_documents(docs: Sequence[str], words_per_doc: int = 280, seed: int = 0
     return texts, labels
 
 
-def qa_examples(docs: Sequence[str], n: int, words_per_doc: int = 500, facts: int = 3, seed: int = 0):
+def qa_examples(docs: Sequence[str], n: int, words_per_doc: int = 500, seed: int = 0):
     """A QA task that only global attention on the question solves. Each context is a run of docstring text
-    (about 1,000 tokens) with `facts` sentences "NAME holds the COLOUR key." placed anywhere in it, for
-    different names; the question asks for one name's colour. The context around a fact says nothing about
-    which name is asked: a token reading the fact must see the question, which sits beyond the sliding
-    windows' reach except through global attention."""
+    (about 1,000 tokens) with three sentences "The colour is X.", "The city is Y.", "The animal is Z." placed
+    anywhere in it; the question asks for one of the three. A token of a fact sees the question, far beyond
+    the sliding windows' reach, only through global attention: without it, a third of the answers at best."""
     from .tasks.spans import QAExample
     rng = np.random.default_rng(seed)
     words = " ".join(docs).split()
@@ -68,17 +68,14 @@ def qa_examples(docs: Sequence[str], n: int, words_per_doc: int = 500, facts: in
     for i in range(n):
         start = int(rng.integers(0, len(words) - words_per_doc))
         chunk = words[start:start + words_per_doc]
-        names = rng.choice(NAMES, size=facts, replace=False)
-        colours = rng.choice(COLOURS, size=facts, replace=False)
-        at = sorted(rng.choice(words_per_doc, size=facts, replace=False), reverse=True)
-        for a, name, colour in zip(at, names, colours):
-            chunk[a:a] = [f"{name} holds the {colour} key."]
+        values = {category: str(rng.choice(options)) for category, options in FACTS.items()}
+        at = sorted(rng.choice(words_per_doc, size=len(FACTS), replace=False), reverse=True)
+        for a, category in zip(at, rng.permutation(list(FACTS))):
+            chunk[a:a] = [f"The {category} is {values[category]}."]
         context = " ".join(chunk)
-        k = int(rng.integers(facts))
-        sentence = f"{names[k]} holds the {colours[k]} key."
-        answer_start = context.index(sentence) + len(f"{names[k]} holds the ")
-        out.append(QAExample(f"demo-{seed}-{i}", f"Which key does {names[k]} hold?", context,
-                             [(answer_start, str(colours[k]))]))
+        asked = str(rng.choice(list(FACTS)))
+        answer_start = context.index(f"The {asked} is ") + len(f"The {asked} is ")
+        out.append(QAExample(f"demo-{seed}-{i}", f"What is the {asked}?", context, [(answer_start, values[asked])]))
     return out
 
 

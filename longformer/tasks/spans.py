@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..feedback import windows as overlapping_windows
 from .base import Task
 
 
@@ -42,6 +43,13 @@ def _example(row: dict, context: str | None, where: str) -> QAExample:
                      _answers(row.get("answers", []), where))
 
 
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{where}: not valid JSON ({e})") from e
+
+
 def read_qa(path: str) -> tuple[list[QAExample], dict]:
     """Examples from SQuAD-format JSON (data/paragraphs/qas) or .jsonl (id, question, context, answers), and
     counts of what was skipped: answers whose offsets do not match their text (looked for near the offset
@@ -52,9 +60,9 @@ def read_qa(path: str) -> tuple[list[QAExample], dict]:
         if path.endswith(".jsonl"):
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    examples.append(_example(json.loads(line), None, f"{path}:{n}"))
+                    examples.append(_example(_json(line, f"{path}:{n}"), None, f"{path}:{n}"))
         else:
-            data = json.load(f)
+            data = _json(f.read(), path)
             if "data" not in data:
                 raise SystemExit(f"{path}: not SQuAD's format (no 'data' list); use .jsonl for one example per line")
             for a, article in enumerate(data["data"]):
@@ -104,15 +112,6 @@ def f1(prediction: str, golds: list[str]) -> float:
     return max(one(g) for g in golds) if golds else float(normalize_answer(prediction) == "")
 
 
-# -- windows --------------------------------------------------------------------------------------
-
-def context_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) token ranges of at most size tokens covering n_tokens, neighbours sharing overlap."""
-    stride = max(1, size - overlap)
-    starts = list(range(0, max(1, n_tokens - overlap), stride)) or [0]
-    return [(s, min(s + size, n_tokens)) for s in starts]
-
-
 class SpanTask(Task):
     """Start and end of the answer, per window; an example's prediction is its best span over all windows."""
 
@@ -141,7 +140,7 @@ class SpanTask(Task):
         ex, q, c, _ = encoded
         size = self.max_length - len(q) - 4
         before = len(q) + 3  # <s> question </s></s>
-        for s, e in context_windows(len(c), size, self.overlap):
+        for s, e in overlapping_windows(len(c), size, max(1, size - self.overlap)):
             yield np.concatenate([[self.bos], q, [self.eos, self.eos], c[s:e], [self.eos]]), before, (s, e)
 
     def answer_tokens(self, encoded):
@@ -193,10 +192,13 @@ class SpanTask(Task):
                     global_attention_mask=batch["global_attention_mask"])
         return out.start_logits.float(), out.end_logits.float()
 
-    def loss_sum(self, model, batch):
-        start, end = self._logits(model, batch)
+    @staticmethod
+    def _loss(start, end, batch):
         return F.cross_entropy(start, batch["start_positions"], reduction="sum") + \
             F.cross_entropy(end, batch["end_positions"], reduction="sum")
+
+    def loss_sum(self, model, batch):
+        return self._loss(*self._logits(model, batch), batch)
 
     def best_spans(self, start_logits, end_logits, batch) -> list[str]:
         """Per example of the batch: the text of its best span (n-best starts x ends, end >= start, at most
@@ -220,8 +222,7 @@ class SpanTask(Task):
 
     def eval_sums(self, model, batch):
         start, end = self._logits(model, batch)
-        loss = F.cross_entropy(start, batch["start_positions"], reduction="sum") + \
-            F.cross_entropy(end, batch["end_positions"], reduction="sum")
+        loss = self._loss(start, end, batch)
         predictions = self.best_spans(start, end, batch)
         golds = [[text for _, text in enc[0].answers] for enc in batch["examples"]]
         return {"loss": loss, "positions": self.count(batch), "examples": torch.tensor(len(golds)),
