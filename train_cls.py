@@ -25,7 +25,7 @@ import torch
 import longformer
 from longformer import demo, feedback
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
-from longformer.data import hold_out, read_labelled
+from longformer.data import check_vocabulary, hold_out, read_labelled
 from longformer.files import atomic_write_text
 from longformer.tasks import DocumentTask, TokenTask, encode_documents, label_targets, read_unlabelled
 from longformer.tasks.spans import SpanTask, read_qa
@@ -255,6 +255,7 @@ def main(argv=None):
         return predict(args, model, task, tokenizer)
 
     model, task, train_set, val_set = {"token": token_job, "qa": qa_job, "doc": doc_job}[args.task](args, tokenizer)
+    check_vocabulary(tokenizer.get_vocab_size() - 1, model.config.vocab_size, f"the tokenizer ({tokenizer_dir})")
     settings = train_args(args, "cls")
     if args.task == "token" or (settings.target_metric == "accuracy" and args.multi_label):
         settings.target_metric = "macro_f1"

@@ -17,7 +17,8 @@ import torch
 
 import longformer
 from longformer import demo
-from longformer.data import hold_out, pack_blocks, read_documents, read_npz_pair, tokenize_documents
+from longformer.data import (check_vocabulary, hold_out, pack_blocks, read_documents, read_npz_pair,
+                             tokenize_documents)
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.tasks import MLMTask
@@ -86,10 +87,6 @@ def build(args):
         model = longformer.LongformerForMaskedLM(config)
     config.attention_backend = args.attention_backend
     config.gradient_checkpointing = args.gradient_checkpointing
-    if args.seq_len > config.max_length:
-        raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's position table "
-                         f"({config.max_length} tokens): lower it, or extend the model with python -m longformer.convert")
-
     if args.data and os.path.isfile(os.path.join(args.data, "train_dataset.npz")):
         train_set, val_set = read_npz_pair(args.data)
         if train_set.seq_len != args.seq_len:
@@ -98,6 +95,9 @@ def build(args):
             raise SystemExit(f"the .npz blocks ({train_set.seq_len} tokens) are longer than the model allows "
                              f"({config.max_length})")
         return model, tokenizer_dir, train_set, val_set
+    if args.seq_len > config.max_length:  # (.npz blocks have their own length, checked above)
+        raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's position table "
+                         f"({config.max_length} tokens): lower it, or extend the model with python -m longformer.convert")
     if tokenizer_dir is None:
         raise SystemExit("text data needs a tokenizer: --tokenizer DIR (or --init a checkpoint that has one)")
     tokenizer = longformer.load_tokenizer(tokenizer_dir)
@@ -119,6 +119,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # the same random initialisation on every rank and in every run
     model, tokenizer_dir, train_set, val_set = build(args)
+    for name, blocks in (("the training data", train_set), ("the validation data", val_set)):
+        check_vocabulary(int(blocks.input_ids.max(initial=0)), model.config.vocab_size,
+                         f"{name} ({args.data or 'the demo'})")
     if tokenizer_dir:
         tokenizer = longformer.load_tokenizer(tokenizer_dir)
         mask_id = tokenizer.token_to_id("<mask>")

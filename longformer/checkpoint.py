@@ -52,10 +52,14 @@ def canonical(hf_key: str) -> str:
 
 
 def _read_file(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    # weights_only: tensors and plain containers only, never arbitrary unpickling.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        # weights_only: tensors and plain containers only, never arbitrary unpickling.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or damaged file: safetensors' and torch's own errors name no file
+        raise ValueError(f"{path} is damaged or incomplete ({type(e).__name__}: {e}): download or copy it "
+                         f"again") from e
 
 
 def read_state_dict(directory: str) -> dict[str, torch.Tensor]:

@@ -147,8 +147,12 @@ class LongformerConfig:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json at {path!r}: expected a checkpoint directory holding "
                                     f"config.json (as written by save_pretrained) or the path of a config file")
-        with open(file) as f:
-            d = json.load(f)
+        with open(file, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON ({e}): restore it from the checkpoint's source, or "
+                                 f"write it again with save_pretrained") from e
         model_type = d.get("model_type", "longformer")
         if model_type != "longformer":
             raise ValueError(f"{file} describes a {model_type!r} model, not a Longformer. "

@@ -119,6 +119,14 @@ class BlockDataset:
                 "special_tokens_mask": self.special_tokens_mask[i]}
 
 
+def check_vocabulary(largest_id: int, vocab_size: int, where: str):
+    """A clear error, before training, for token ids the model's embedding table has no row for."""
+    if largest_id >= vocab_size:
+        raise SystemExit(f"{where} holds token id {largest_id}, but the model's vocabulary has {vocab_size} ids "
+                         f"(0..{vocab_size - 1}): use the tokenizer the model was trained with, or a model whose "
+                         f"vocab_size covers the data")
+
+
 def pack_blocks(encoded: list[np.ndarray], seq_len: int, special_ids) -> BlockDataset:
     """Concatenate the documents (each already <s> ... </s>) and cut into blocks of seq_len tokens."""
     flat = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)

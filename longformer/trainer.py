@@ -141,10 +141,17 @@ def save_checkpoint(out, model, optimizer, scheduler, scaler, state, rng_states)
 
 def load_checkpoint(path):
     """The trainer state and HF state dict of a checkpoint, or a clear error if it is damaged."""
+    import pickle
+
     from .checkpoint import read_state_dict
+    state_file = os.path.join(path, "trainer_state.pt")
     try:
-        trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
+        trainer = torch.load(state_file, map_location="cpu", weights_only=True)
         weights = read_state_dict(path)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{state_file} holds objects other than tensors and plain containers, which loading could "
+                         f"turn into running code: refused. Use checkpoints this library wrote ({e})") from e
     except Exception as e:  # truncated zip, bad safetensors header, missing file
         raise SystemExit(f"checkpoint {path!r} is damaged or incomplete ({type(e).__name__}: {e}). Delete it and "
                          f"point checkpoints/latest at an earlier one, or start again with --overwrite") from e

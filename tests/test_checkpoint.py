@@ -91,3 +91,15 @@ def test_roberta_checkpoint_is_pointed_to_the_converter(tmp_path):
     transformers.RobertaModel(cfg).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="python -m longformer.convert"):
         longformer.LongformerModel.from_pretrained(str(tmp_path))
+
+
+def test_damaged_config_and_weights_are_named(tmp_path):
+    save_hf("LongformerModel", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match="model.safetensors is damaged or incomplete"):
+        longformer.LongformerModel.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"hidden_size": 32,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        longformer.LongformerModel.from_pretrained(str(tmp_path))

@@ -125,6 +125,39 @@ def test_damaged_checkpoint_and_other_runs_are_refused(setup, tmp_path):
     assert "batch_size: 2 -> 3" in done.stderr
 
 
+class RunsCode:
+    """Unpickling this runs code (it creates a file): what a hostile trainer_state.pt would hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_trainer_state_that_would_run_code_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "4", "--stop-after", "2"))
+    latest = open(out / "checkpoints" / "latest").read().strip()
+    marker = tmp_path / "code-ran"
+    torch.save({"state": RunsCode(str(marker))}, out / "checkpoints" / latest / "trainer_state.pt")
+    done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "4", "--resume"), ok=False)
+    assert done.returncode != 0 and "objects other than tensors and plain containers" in done.stderr
+    assert not marker.exists()
+
+
+def test_token_ids_outside_the_vocabulary_are_named(setup, tmp_path):
+    ids = np.random.default_rng(0).integers(3, 290, (6, 16))
+    ids[4, 7] = 305  # the setup's vocabulary has 300 ids
+    for name in ("train_dataset.npz", "eval_dataset.npz"):
+        np.savez(tmp_path / name, input_ids=ids, attention_mask=np.ones_like(ids), special_tokens_mask=np.zeros_like(ids))
+    cmd = [sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(tmp_path), "--config", str(setup / "cfg"),
+           "--out", str(tmp_path / "run"), "--device", DEVICE.type, "--max-steps", "1"]
+    done = run(cmd, ok=False)
+    assert done.returncode != 0
+    assert "holds token id 305, but the model's vocabulary has 300 ids (0..299)" in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args,message", [
     (("--data", "/nonexistent"), "does not exist"),
     (("--lr", "abc"), "'abc' is not a number"),
