@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["longformer", "longformer.*"]),
     package_data={"longformer": ["recipes/*.json"]},
     python_requires=">=3.11",
-    install_requires=["torch>=2.6", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
+    install_requires=["torch>=2.7", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
     extras_require={"test": ["transformers>=4.44", "pytest", "matplotlib"], "plot": ["matplotlib"],
                     "export": ["onnx", "onnxscript", "onnxruntime"]},
 )
