@@ -9,6 +9,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ class TrainArgs:
     seed: int = 0
     target: float = 0.0  # stop once the evaluation's target_metric reaches this (0 = never)
     target_metric: str = "accuracy"
-    stop_after: int = 0  # end this invocation after this many steps, resumable with --resume (0 = never)
+    stop_after: int = 0  # end this invocation after this many steps; the same command continues (0 = never)
     device: str = "auto"  # auto (cuda when torch sees a GPU), cpu, cuda
 
 
@@ -88,27 +91,56 @@ def barrier():
 
 # -- output directory and checkpoints --------------------------------------------------------------
 
-def prepare_out(out: str, run: dict, resume: bool, overwrite: bool):
-    """Refuse to mix two runs in one directory: resuming needs the same settings, anything else a new dir."""
+def read_out(out: str, run: dict, resume: bool, overwrite: bool) -> str:
+    """What to do with --out, decided by every rank from the files alone: "new" (start a run there), "continue"
+    (the same settings: the same command continues the run), or "finished". Other settings, or files that
+    are not a run, are refused."""
     run_file = os.path.join(out, "run.json")
-    if resume:
-        if not os.path.isfile(run_file):
+    if overwrite and not resume:
+        return "new"
+    if not os.path.isfile(run_file):
+        if resume:
             raise SystemExit(f"--resume: {out!r} holds no run to resume (no run.json)")
-        with open(run_file) as f:
-            saved = json.load(f)
-        changed = {k: (saved.get(k), v) for k, v in run.items()  # settings that do not change the training may
-                   if k not in RESUME_MAY_CHANGE and saved.get(k) != v}  # differ
-        if changed:
-            raise SystemExit(f"--resume: these settings differ from the run in {out!r}: "
-                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        return
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise SystemExit(f"{out!r} already holds files (another run?): choose a new --out, continue it with "
-                             f"--resume, or replace it with --overwrite")
-        shutil.rmtree(out)
+        if os.path.isdir(out) and os.listdir(out):
+            raise SystemExit(f"{out!r} already holds files that are not a run (no run.json): choose a new --out, "
+                             f"or replace them with --overwrite")
+        return "new"
+    with open(run_file) as f:
+        saved = json.load(f)
+    changed = {k: (saved.get(k), v) for k, v in run.items()  # settings that do not change the training may
+               if k not in RESUME_MAY_CHANGE and saved.get(k) != v}  # differ
+    if changed:
+        raise SystemExit(f"{out!r} holds a run with other settings ("
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                         + "): choose a new --out, or replace it with --overwrite")
+    return "finished" if os.path.isfile(os.path.join(out, "model.safetensors")) else "continue"
+
+
+def start_out(out: str, run: dict):
+    """A new run: an empty --out (what was there is deleted: --overwrite) holding run.json."""
+    shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+    atomic_write_text(os.path.join(out, "run.json"), json.dumps(run, indent=2) + "\n")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to finish its step, write a checkpoint and exit (a preempted job is
+    requeued and continues); a second signal exits at once."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -204,8 +236,14 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     """Train model on train_set (a sequence of examples), evaluating on val_set. Returns the last metrics."""
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
-    if master:
-        prepare_out(args.out, run, resume, overwrite)
+    what = read_out(args.out, run, resume, overwrite)
+    barrier()  # every rank has read --out before the first one changes it
+    if what == "finished":
+        if master:
+            print(f"the run in {args.out} is finished (its final model is there): nothing to do")
+        return {}
+    if what == "new" and master:
+        start_out(args.out, run)
     barrier()
     torch.manual_seed(args.seed + rank)
     model.to(device)
@@ -223,8 +261,10 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
     state = {"step": 0, "samples": 0, "tokens": 0, "train_time": 0.0}
 
-    ckpt = latest_checkpoint(args.out) if resume else None
+    ckpt = latest_checkpoint(args.out)
     if ckpt:
+        if master:
+            print(f"continuing the run in {args.out} from {ckpt}")
         from .checkpoint import load_state_dict_hf
         saved, weights = load_checkpoint(ckpt)
         load_state_dict_hf(model, weights)
@@ -276,6 +316,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
             print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in metrics.items()}})
     model.train()
+    signals = StopSignals()
     bar = tqdm(total=total, initial=state["step"], disable=not master, dynamic_ncols=True, unit="step")
     window_tokens, window_start, window_loss = 0, time.perf_counter(), []
     while state["step"] < total and not stop:
@@ -342,14 +383,25 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                 stop = True
             checkpoint()
             window_start = time.perf_counter()
-        if args.stop_after and done_here >= args.stop_after and not stop and state["step"] < total:
+        signalled = signals.received is not None
+        if distributed:  # every rank stops at the same step, whichever received the signal
+            signalled = bool(all_sum(torch.tensor(float(signalled), device=device)) > 0)
+        if (signalled or (args.stop_after and done_here >= args.stop_after)) and not stop and state["step"] < total:
             if saved_at != state["step"]:
                 checkpoint()
-            if master:
-                bar.write(f"stopped after {done_here} steps; continue with --resume")
             bar.close()
+            signals.restore()
+            if signalled:
+                signum = signals.received or signal.SIGTERM
+                if master:
+                    print(f"{signal.Signals(signum).name}: stopped at step {state['step']} with a checkpoint; the same "
+                          f"command continues the run", file=sys.stderr)
+                raise SystemExit(128 + signum)  # non-zero, so that a scheduler requeues the job
+            if master:
+                print(f"stopped after {done_here} steps; the same command (or --resume) continues the run")
             return metrics
     bar.close()
+    signals.restore()
     summary = {"samples_per_s": state["samples"] / max(state["train_time"], 1e-9),
                "tokens_per_s": state["tokens"] / max(state["train_time"], 1e-9),
                "steps": state["step"], "train_time_s": state["train_time"]}

@@ -1,8 +1,11 @@
 """train_mlm.py and the shared loop: data readers, masking, 2-process equivalence, exact resume, bad input."""
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,19 +99,48 @@ def test_accumulation_equals_a_bigger_batch(setup, tmp_path):
 
 
 def test_resume_reaches_the_same_parameters_and_metrics(setup, tmp_path):
+    """--stop-after, then the same command again (no --resume needed): bit-identical to an uninterrupted run;
+    a third time, the run says it is finished."""
     common = ("--batch-size", "2", "--max-steps", "8", "--eval-every", "2")
     run(train_cmd(setup, tmp_path / "whole", *common))
     first = run(train_cmd(setup, tmp_path / "split", *common, "--stop-after", "3"))
-    assert "continue with --resume" in first.stdout + first.stderr
+    assert "the same command (or --resume) continues the run" in first.stdout + first.stderr
     assert not os.path.exists(tmp_path / "split" / "model.safetensors")
-    run(train_cmd(setup, tmp_path / "split", *common, "--resume"))
+    second = run(train_cmd(setup, tmp_path / "split", *common))
+    assert "continuing the run in" in second.stdout
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
     for k in whole:
         torch.testing.assert_close(whole[k], split[k], atol=0, rtol=0)
     assert [e["eval_loss"] for e in evals(tmp_path / "whole")] == [e["eval_loss"] for e in evals(tmp_path / "split")]
+    again = run(train_cmd(setup, tmp_path / "split", *common, "--resume"))
+    assert "is finished" in again.stdout
     # the finished run is a checkpoint both libraries load
     longformer.LongformerForMaskedLM.from_pretrained(str(tmp_path / "split"))
     assert os.path.isfile(tmp_path / "split" / "vocab.json")
+
+
+def test_sigterm_at_a_random_step_then_the_same_command(setup, tmp_path):
+    """SIGTERM: the step finishes, a checkpoint is written, exit 143; the same command ends bit-identical to an
+    uninterrupted run."""
+    common = ("--batch-size", "2", "--max-steps", "30", "--eval-every", "10")
+    run(train_cmd(setup, tmp_path / "whole", *common))
+    at = random.Random().randint(2, 12)
+    proc = subprocess.Popen(train_cmd(setup, tmp_path / "cut", *common), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l).get("step", 0) >= at and "loss" in l for l in open(metrics)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (at, out[-1000:], err[-2000:])
+    assert "SIGTERM: stopped at step" in err and not (tmp_path / "cut" / "model.safetensors").exists()
+    run(train_cmd(setup, tmp_path / "cut", *common))
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    for k in whole:
+        torch.testing.assert_close(whole[k], cut[k], atol=0, rtol=0, msg=f"SIGTERM after step {at}: {k}")
 
 
 def test_damaged_checkpoint_and_other_runs_are_refused(setup, tmp_path):
@@ -120,7 +152,8 @@ def test_damaged_checkpoint_and_other_runs_are_refused(setup, tmp_path):
     done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
     assert done.returncode != 0 and "damaged or incomplete" in done.stderr
     done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6"), ok=False)
-    assert done.returncode != 0 and "already holds files" in done.stderr and (out / "run.json").exists()
+    assert done.returncode != 0 and "holds a run with other settings (eval_every: 2 -> 0)" in done.stderr
+    assert (out / "run.json").exists()
     done = run(train_cmd(setup, out, "--batch-size", "3", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
     assert "batch_size: 2 -> 3" in done.stderr
 
