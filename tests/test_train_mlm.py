@@ -295,3 +295,46 @@ def test_plot_draws_the_curves(tmp_path):
             f.write(json.dumps({"step": step, "eval_loss": 5 - step / 25, "eval_accuracy": step / 100}) + "\n")
     out = plot(str(tmp_path))
     assert out.endswith("curves.png") and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def child_pids(pid):
+    """The processes whose parent is pid (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_elastic_restart_after_a_worker_is_killed(setup, tmp_path):
+    """torchrun --max-restarts 1, one of 2 workers killed with SIGKILL at a random step: the run finishes by
+    itself (the restarted workers continue from the latest checkpoint), bit-identical to an uninterrupted run."""
+    device = ("--device", "cpu") if DEVICE.type == "cuda" and torch.cuda.device_count() < 2 else ()
+    common = ("--batch-size", "2", "--max-steps", "12", "--eval-every", "2", *device)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    run(train_cmd(setup, tmp_path / "whole", *common, launcher=torchrun))
+    at = random.Random().randint(3, 9)
+    proc = subprocess.Popen(train_cmd(setup, tmp_path / "cut", *common, launcher=torchrun + ["--max-restarts", "1"]),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, killed = tmp_path / "cut" / "metrics.jsonl", None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        if metrics.exists() and any(json.loads(l).get("step", 0) >= at and "loss" in l for l in open(metrics)):
+            workers = child_pids(proc.pid)
+            if len(workers) == 2:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=180)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, (at, out[-1000:], err[-3000:])
+    assert "continuing the run in" in out
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    for k in whole:
+        torch.testing.assert_close(whole[k], cut[k], atol=0, rtol=0, msg=f"worker killed after step {at}: {k}")
