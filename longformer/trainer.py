@@ -50,6 +50,7 @@ class TrainArgs:
     target: float = 0.0  # stop once the evaluation's target_metric reaches this (0 = never)
     target_metric: str = "accuracy"
     stop_after: int = 0  # end this invocation after this many steps; the same command continues (0 = never)
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
     device: str = "auto"  # auto (cuda when torch sees a GPU), cpu, cuda
 
 
@@ -224,6 +225,25 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
+def skip_bad_step(args: TrainArgs, state: dict, log, fatal: bool, bar):
+    """Count a step that was not applied (non-finite loss or gradient norm); stop after --max-bad-steps in a row."""
+    state["bad_steps"] = state.get("bad_steps", 0) + 1
+    state["bad_in_a_row"] = state.get("bad_in_a_row", 0) + int(fatal)
+    log({"step": state["step"] + 1, "skipped": "non-finite loss or gradient norm", "bad_steps": state["bad_steps"]})
+    if state["bad_in_a_row"] >= args.max_bad_steps:
+        bar.close()
+        raise SystemExit(f"stopped at step {state['step'] + 1}: {state['bad_in_a_row']} steps in a row had a "
+                         f"non-finite loss or gradient norm ({state['bad_steps']} skipped in all). The last good "
+                         f"checkpoint is kept: {latest_checkpoint(args.out) or 'none yet'}. Try a lower --lr (now "
+                         f"{args.lr}), --precision bf16 rather than fp16, or gradient clipping (--clip, now {args.clip})")
+
+
+def injected_nan(step: int) -> bool:
+    """Test hook: LONGFORMER_TEST_NAN_STEPS="3,5" (or "all") makes those steps' loss NaN."""
+    steps = os.environ.get("LONGFORMER_TEST_NAN_STEPS", "")
+    return steps == "all" or str(step) in steps.split(",")
+
+
 def out_of_memory_hint(args: TrainArgs, seq_len) -> str:
     return (f"a batch of {args.batch_size} x {seq_len} tokens does not fit in memory: lower --batch-size "
             f"(and raise --grad-accum by the same factor to keep the global batch), add --gradient-checkpointing, "
@@ -336,15 +356,24 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                 with sync:
                     with autocast:
                         loss_sum = task.loss_sum(ddp, batch)
+                        if injected_nan(state["step"] + 1):
+                            loss_sum = loss_sum * float("nan")
                     # DDP averages gradients over ranks; scaling by world makes the result sum/global count.
                     scaler.scale(loss_sum * (world / n_global.float())).backward()
                 step_loss += loss_sum.detach().double()
         except torch.OutOfMemoryError as e:
             raise SystemExit(out_of_memory_hint(args, batches[0]["input_ids"].shape[1])) from e
         scaler.unscale_(optimizer)
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        scaler.step(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or math.inf)
+        # One host sync. A non-finite loss, or (fp32, bf16) gradient norm, means the step is not applied. fp16's
+        # scaler skips steps with overflowing gradients by itself, as part of finding its scale: counted, not fatal.
+        loss_ok, grad_ok = (bool(torch.isfinite(t)) for t in (all_sum(step_loss.clone()), grad_norm))
+        if loss_ok and (grad_ok or scaler.is_enabled()):
+            scaler.step(optimizer)
+        if not (loss_ok and grad_ok):
+            skip_bad_step(args, state, log, fatal=not loss_ok or not scaler.is_enabled(), bar=bar)
+        else:
+            state["bad_in_a_row"] = 0
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
