@@ -123,9 +123,9 @@ def test_resume_reaches_the_same_parameters_and_metrics(setup, tmp_path):
 def test_sigterm_at_a_random_step_then_the_same_command(setup, tmp_path):
     """SIGTERM: the step finishes, a checkpoint is written, exit 143; the same command ends bit-identical to an
     uninterrupted run."""
-    common = ("--batch-size", "2", "--max-steps", "30", "--eval-every", "10")
+    common = ("--batch-size", "2", "--max-steps", "120", "--eval-every", "40")  # steps left to catch the signal
     run(train_cmd(setup, tmp_path / "whole", *common))
-    at = random.Random().randint(2, 12)
+    at = random.Random().randint(2, 40)
     proc = subprocess.Popen(train_cmd(setup, tmp_path / "cut", *common), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "cut" / "metrics.jsonl"
