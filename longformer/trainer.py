@@ -2,12 +2,14 @@
 gradient accumulation, clipping, AdamW, linear warm-up and decay, evaluation reduced across ranks,
 rank-0 logging and atomic checkpoints that resume exactly.
 
-A task (longformer/tasks/: masked LM, documents, tokens) supplies what differs: how a batch is made and
-what it is scored on. Launch one process with `python script.py`, or several with `python -m torch.distributed.run`.
+A task (longformer/tasks/: masked LM, documents, tokens, spans) supplies what differs: how a batch is made
+and what it is scored on. Launch one process with `python script.py`, or several with
+`python -m torch.distributed.run`.
 """
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -174,8 +176,6 @@ def save_checkpoint(out, model, optimizer, scheduler, scaler, state, rng_states)
 
 def load_checkpoint(path):
     """The trainer state and HF state dict of a checkpoint, or a clear error if it is damaged."""
-    import pickle
-
     from .checkpoint import read_state_dict
     state_file = os.path.join(path, "trainer_state.pt")
     try:
