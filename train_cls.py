@@ -16,6 +16,7 @@ Each task is a module of longformer/tasks/. Runs on the same loop as train_mlm.p
 autocast, accumulation, resume).
 """
 import argparse
+import collections
 import csv
 import json
 import os
@@ -140,12 +141,12 @@ def qa_job(args, tokenizer):
               "on the question tells a fact whether it is the one asked for.")
         train_examples, val_examples = demo.qa_examples(demo.corpus(), 2400, seed=0), \
             demo.qa_examples(demo.corpus(), 200, seed=1)
-        skipped = {}
+        skipped = collections.Counter()
     else:
         examples, skipped = read_qa(args.data)
         if args.val_data:
             val_examples, val_skipped = read_qa(args.val_data)
-            skipped = {k: skipped.get(k, 0) + val_skipped.get(k, 0) for k in {*skipped, *val_skipped}}
+            skipped += val_skipped
             train_examples = examples
         else:
             train_examples, val_examples = hold_out(examples, args.val_fraction, args.seed)
@@ -154,7 +155,7 @@ def qa_job(args, tokenizer):
     train_encoded, train_skipped = task.encode(train_examples)
     val_set, val_skipped = task.encode(val_examples)
     unanswered = sum(1 for e in train_examples if not e.answers)
-    for reason, n in {**skipped, **(train_skipped + val_skipped)}.items():
+    for reason, n in (skipped + train_skipped + val_skipped).items():
         print(f"skipped: {n} {reason}")
     if unanswered:
         print(f"note: {unanswered} training examples have no answer: all their windows point at <s>")

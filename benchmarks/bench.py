@@ -150,6 +150,15 @@ def run_worker(impl, configs, repeats, device, config):
     return results
 
 
+def driver_version() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (None where it is absent)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+
+
 def environment(device, dtypes):
     """What the numbers were measured on, and the measured matmul speed per dtype (TFLOP/s)."""
     import transformers
@@ -161,11 +170,8 @@ def environment(device, dtypes):
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
             "gpu": None}
     if device == "cuda":
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True) if shutil.which("nvidia-smi") else None
         meta.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(),
-                    driver=driver.stdout.strip().splitlines()[0] if driver and driver.returncode == 0 else None)
+                    cudnn=torch.backends.cudnn.version(), driver=driver_version())
     meta["matmul_tflops"] = {d: matmul_speed(device, d) / 1e12 for d in dtypes}
     set_tf32(False)
     return meta

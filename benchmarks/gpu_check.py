@@ -17,7 +17,6 @@ only, full batches in fp32 and a FlagPerf-shaped batch of 2 x 1024, one timed ru
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,9 +63,7 @@ def check_env(args):
         meta.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
                     compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-        meta["driver"] = smi.stdout.strip().splitlines()[0] if smi and smi.returncode == 0 else None
+        meta["driver"] = bench.driver_version()
     else:
         meta["cpu_threads"] = torch.get_num_threads()
     with open(os.path.join(args.out, "environment.json"), "w") as f:

@@ -49,7 +49,7 @@ KEY_MULTIPLE = 8
 
 def num_keys(w: int, num_global: int = 0) -> int:
     """Key slots per block: 3w window keys, the global keys, masked slack up to a multiple of KEY_MULTIPLE."""
-    return -(-(3 * w + num_global) // KEY_MULTIPLE) * KEY_MULTIPLE
+    return num_blocks(3 * w + num_global, KEY_MULTIPLE) * KEY_MULTIPLE
 
 
 def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> torch.Tensor:
