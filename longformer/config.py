@@ -37,8 +37,8 @@ class LongformerConfig:
     # which of torch's SDPA kernels it may use, in order (e.g. "cudnn,efficient"; None: the per-device defaults
     # of longformer/kernels/sdpa.py, or $LONGFORMER_SDPA_BACKENDS), and whether layers recompute their
     # activations in the backward pass. max_global_tokens: a static count of global-token slots per example
-    # (None: as many as the batch needs, read from the mask once per forward); set, the forward has no host
-    # sync (torch.compile sees one graph with global tokens too), and exported models need it.
+    # (None: as many as the batch needs, read from the mask once per forward); set, torch.compile sees one graph
+    # with global tokens too (eager mode still reads the counts, to check them), and exported models need it.
     attention_backend: str = "auto"
     sdpa_backends: str | None = None
     gradient_checkpointing: bool = False

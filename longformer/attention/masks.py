@@ -7,9 +7,9 @@ from ..kernels import window_mask
 class AttentionMasks:
     """keep [B, L] bool: real tokens (False = padding). is_global [B, L] bool: tokens with global attention.
 
-    Global tokens are gathered into G slots per example. G is max_global when given (a static count:
-    no host sync, so torch.compile and export see one graph; an example with more global tokens is an
-    error), else the most any example has: the one host sync that global attention needs, taken once per
+    Global tokens are gathered into G slots per example. G is max_global when given (a static count, so
+    torch.compile and export see one graph with no count read back; eager mode reads the counts to refuse an
+    example with more global tokens), else the most any example has: the one host sync that global attention needs, taken once per
     forward rather than once per layer, and not at all when no global_attention_mask is given.
     """
 
