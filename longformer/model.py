@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionMasks, LongformerSelfAttention
+from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
 
 ACT_FNS = {
@@ -64,12 +64,20 @@ class LongformerEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def position_ids(self, input_ids, shape, device):
-        """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx."""
+    def position_ids(self, input_ids, shape, device, segments=None):
+        """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx.
+        With segments (packed documents), the count starts again at each document."""
         if input_ids is None:  # embeddings given: nothing tells padding apart
-            return torch.arange(shape[1], device=device).expand(shape) + self.padding_idx + 1
-        real = input_ids.ne(self.padding_idx)
-        return torch.cumsum(real, dim=1) * real + self.padding_idx
+            real = torch.ones(shape, dtype=torch.long, device=device)
+        else:
+            real = input_ids.ne(self.padding_idx).long()
+        count = torch.cumsum(real, dim=1)
+        if segments is not None:
+            # Subtract the count reached before each segment: taken at its first token, carried forward by cummax
+            # (the count never decreases, so the latest segment's value is the largest).
+            starts = torch.cat([torch.zeros_like(segments[:, :1]), segments.diff(dim=1)], dim=1) > 0
+            count = count - torch.where(starts, count - real, 0).cummax(dim=1).values
+        return count * real + self.padding_idx
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
         x = self.word(input_ids) if inputs_embeds is None else inputs_embeds
@@ -166,14 +174,19 @@ class LongformerModel(LongformerPreTrainedModel):
         self.apply(self.init_weights)
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
-                position_ids=None, inputs_embeds=None, output_hidden_states=False) -> LongformerBaseModelOutput:
-        """attention_mask: 1 = real token, 0 = padding. global_attention_mask: 1 = global token."""
+                position_ids=None, inputs_embeds=None, output_hidden_states=False,
+                document_ids=None) -> LongformerBaseModelOutput:
+        """attention_mask: 1 = real token, 0 = padding. global_attention_mask: 1 = global token.
+        document_ids [B, L]: several documents packed in a row, each a run of tokens with the same id; no token
+        attends across a document boundary, and positions restart at each document, so that every document
+        gets the hidden states it gets alone."""
         shape = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask=attention_mask,
                               global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
-                              position_ids=position_ids)
+                              position_ids=position_ids, document_ids=document_ids)
         device = input_ids.device if input_ids is not None else inputs_embeds.device
+        segments = None if document_ids is None else document_segments(document_ids)
         if position_ids is None:
-            position_ids = self.embeddings.position_ids(input_ids, shape, device)
+            position_ids = self.embeddings.position_ids(input_ids, shape, device, segments)
         elif int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position_ids reach {int(position_ids.max())} but the position table has "
                              f"{self.config.max_position_embeddings} rows")
@@ -181,7 +194,7 @@ class LongformerModel(LongformerPreTrainedModel):
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
         keep = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         masks = AttentionMasks(keep, None if global_attention_mask is None else global_attention_mask.bool(),
-                               self.config.max_global_tokens)
+                               self.config.max_global_tokens, segments)
 
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         hidden_states = [x] if output_hidden_states else None
@@ -205,14 +218,14 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False,
-                logits_at_labels_only=False) -> LongformerHeadOutput:
-        """labels: the token to predict, -100 where nothing is predicted.
+                logits_at_labels_only=False, document_ids=None) -> LongformerHeadOutput:
+        """labels: the token to predict, -100 where nothing is predicted. document_ids: as LongformerModel's.
 
         logits_at_labels_only: compute the vocabulary projection only where labels != -100 (the decoder is
         the model's largest matmul) and return logits [num_predicted, vocab] instead of [B, L, vocab].
         """
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states)
+                              inputs_embeds, output_hidden_states, document_ids)
         h = out.last_hidden_state
         if logits_at_labels_only:
             if labels is None:
@@ -302,10 +315,12 @@ class LongformerForTokenClassification(LongformerPreTrainedModel):
         self.classifier.apply(self.init_weights)
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
-                position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False) -> LongformerHeadOutput:
-        """labels [B, L]: class per token, -100 where no label applies (padding, continuation sub-words)."""
+                position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False,
+                document_ids=None) -> LongformerHeadOutput:
+        """labels [B, L]: class per token, -100 where no label applies (padding, continuation sub-words).
+        document_ids: as LongformerModel's."""
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states)
+                              inputs_embeds, output_hidden_states, document_ids)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:

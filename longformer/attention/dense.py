@@ -2,7 +2,8 @@
 
 Local rows: token i sees real token j when |i - j| <= w or j is global, through the local projections.
 Global rows: global token i sees every real token through the global projections.
-Padding rows output zeros (as HF's implementation does).
+Padding rows output zeros (as HF's implementation does). With packed documents (masks.segments), both
+kinds of row see only tokens of their own document.
 """
 import math
 
@@ -25,10 +26,13 @@ def dense_attention(x, attn, masks, dropout_p: float = 0.0):
     pos = torch.arange(L, device=x.device)
     band = (pos[:, None] - pos[None, :]).abs() <= attn.one_sided_window  # [L, L]
     local_allowed = masks.keep[:, None, :] & (band[None] | masks.is_global[:, None, :])
+    global_allowed = masks.keep[:, None, :].expand(B, L, L)
+    if masks.segments is not None:
+        same_document = masks.segments[:, :, None] == masks.segments[:, None, :]  # [B, L, L]
+        local_allowed, global_allowed = local_allowed & same_document, global_allowed & same_document
     out = _softmax_attention(split(attn.query(x)), split(attn.key(x)), split(attn.value(x)),
                              local_allowed, dropout_p)
     if masks.num_global:
-        global_allowed = masks.keep[:, None, :].expand(B, L, L)
         out_g = _softmax_attention(split(attn.query_global(x)), split(attn.key_global(x)),
                                    split(attn.value_global(x)), global_allowed, dropout_p)
         out = torch.where(masks.is_global[:, :, None, None], out_g, out)

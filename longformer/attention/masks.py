@@ -6,6 +6,8 @@ from ..kernels import window_mask
 
 class AttentionMasks:
     """keep [B, L] bool: real tokens (False = padding). is_global [B, L] bool: tokens with global attention.
+    segments [B, L] long (from document_segments), or None: packed documents; a token attends only to tokens
+    of its own segment, through the window and through global attention alike.
 
     Global tokens are gathered into G slots per example. G is max_global when given (a static count, so
     torch.compile and export see one graph with no count read back; eager mode reads the counts to refuse an
@@ -13,8 +15,9 @@ class AttentionMasks:
     forward rather than once per layer, and not at all when no global_attention_mask is given.
     """
 
-    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None):
-        self.keep = keep
+    def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None,
+                 segments: torch.Tensor | None = None):
+        self.keep, self.segments = keep, segments
         B, L = keep.shape
         self.is_global = torch.zeros_like(keep) if is_global is None else is_global & keep  # padding is never global
         counts = self.is_global.sum(dim=1)  # [B]
@@ -32,14 +35,23 @@ class AttentionMasks:
         position = torch.arange(L, device=keep.device).expand(B, L)
         self.global_idx = keep.new_zeros(B, G + 1, dtype=torch.long).scatter(1, slot, position)[:, :G]  # [B, G]
         self.global_valid = torch.arange(G, device=keep.device) < counts[:, None]  # [B, G]
+        self.global_segments = None if segments is None else self.gather_global(segments)  # [B, G]
         self._window_masks = {}
 
     def window_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask for window w, built once and shared by the layers that use w."""
         if (w, dtype) not in self._window_masks:
             self._window_masks[w, dtype] = window_mask(
-                self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None)
+                self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None,
+                self.segments, self.global_segments if self.num_global else None)
         return self._window_masks[w, dtype]
+
+    def global_keys(self) -> torch.Tensor:
+        """The keys global queries see: [B, L] bool (every real token), or [B, G, L] with segments (the real
+        tokens of each global token's own document)."""
+        if self.segments is None:
+            return self.keep
+        return self.keep[:, None, :] & (self.segments[:, None, :] == self.global_segments[:, :, None])
 
     def gather_global(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, *rest] -> [B, G, *rest]: the global tokens' rows (invalid slots hold row 0)."""
@@ -54,6 +66,14 @@ class AttentionMasks:
         placed = torch.zeros_like(x).scatter_add(1, idx, rows * valid)
         is_global = self.is_global.view(*self.is_global.shape, *[1] * (x.dim() - 2))
         return torch.where(is_global, placed, x)
+
+
+def document_segments(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids [B, L] -> segment index [B, L] long: 0, 0, ..., 1, 1, ...; a new segment begins wherever the
+    id changes from one token to the next, so the ids themselves may be any values (each document's tokens
+    lie next to each other, as packing puts them)."""
+    change = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.cat([torch.zeros_like(change[:, :1]), change], dim=1).long().cumsum(1)
 
 
 def _check_global_counts(counts: torch.Tensor, max_global: int):

@@ -72,12 +72,14 @@ def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> t
 
 
 def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype,
-                global_valid: torch.Tensor | None = None) -> torch.Tensor:
+                global_valid: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                global_segments: torch.Tensor | None = None) -> torch.Tensor:
     """Additive mask [B * nc, 1, w, num_keys(w, G)] for sliding_window_attention.
 
     keep [B, L] bool: real tokens. local_keys [B, L] bool: keys reachable through the window (real tokens
     that are not global; global tokens are reached through their own columns instead, so they are not
     counted twice). global_valid [B, G] bool: which global-key slots hold a real global token.
+    segments [B, L] and global_segments [B, G] (packed documents): a key is seen only from its own segment.
 
     Every row allows at least one key: a query that is not a real token (padding, or the tail of the last
     block) sees itself. CUDA's fused kernels return NaN for a row with no key at all, and 0 x NaN stays NaN
@@ -90,6 +92,9 @@ def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: tor
     # |(c*w + a) - ((c-1)*w + b)| <= w over the 3w window keys; past them the slots decide by themselves.
     band = ((b >= a) & (b <= a + 2 * w)) | (b >= 3 * w)  # [w, S]
     allowed = band & key_windows(local_keys, w, global_valid)[:, :, None, :]  # [B, nc, w, S]
+    if segments is not None:
+        query_segment = _pad_blocks(segments, w).view(B, nc, w, 1)
+        allowed &= query_segment == key_windows(segments, w, global_segments)[:, :, None, :]
     not_real = ~_pad_blocks(keep, w).view(B, nc, w, 1)
     allowed |= not_real & (b == a + w)  # the query's own slot, in the middle block
     # The dtype's most negative finite value rather than -inf, with q's dtype, so that SDPA casts nothing.

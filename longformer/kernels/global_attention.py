@@ -20,8 +20,8 @@ from .banded import contiguous
 
 def global_query_attention(q_global, x, key_global: torch.nn.Linear, value_global: torch.nn.Linear,
                            key_keep, dropout_p: float = 0.0):
-    """q_global [B, G, H, D] (projected, unscaled); x [B, L, C] the layer input; key_keep [B, L] bool.
-    Returns [B, G, H, D]."""
+    """q_global [B, G, H, D] (projected, unscaled); x [B, L, C] the layer input; key_keep [B, L] bool (the keys
+    every global query sees) or [B, G, L] (each its own: packed documents). Returns [B, G, H, D]."""
     B, G, H, D = q_global.shape
     C = x.shape[-1]
     wk = key_global.weight.view(H, D, C)
@@ -32,7 +32,11 @@ def global_query_attention(q_global, x, key_global: torch.nn.Linear, value_globa
     q_in = torch.bmm(qh, wk).view(H, B, G, C).transpose(0, 1)  # [B, H, G, C]: queries in input space
     q_in = contiguous(q_in).view(B, H * G, C)
     scores = torch.bmm(q_in, x.transpose(1, 2)) * (1.0 / math.sqrt(D))  # [B, H*G, L]
-    scores = scores.masked_fill(~key_keep[:, None, :], torch.finfo(scores.dtype).min)
+    if key_keep.dim() == 3:
+        scores = scores.view(B, H, G, -1).masked_fill(~key_keep[:, None], torch.finfo(scores.dtype).min)
+        scores = scores.view(B, H * G, -1)
+    else:
+        scores = scores.masked_fill(~key_keep[:, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_in.dtype)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
