@@ -17,8 +17,9 @@ import torch
 
 import longformer
 from longformer import demo
-from longformer.data import (check_vocabulary, hold_out, pack_blocks, read_documents, read_npz_pair,
-                             tokenize_documents)
+from longformer.data import check_vocabulary, read_npz_pair
+from longformer.prepare_data import prepare_cached, tokenizer_info
+from longformer.shards import PACKINGS, TokenBlocks, read_manifest
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.tasks import MLMTask
@@ -36,12 +37,18 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help=f"named settings: {', '.join(sorted(f[:-5] for f in os.listdir(RECIPES)))}")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="folder of .txt files, a text file (blank-line separated), a .jsonl, or a folder "
-                                  "with FlagPerf's train_dataset.npz/eval_dataset.npz (none: the embedded demo)")
-    g.add_argument("--val-data", help="validation documents (default: hold out --val-fraction of --data)")
+    g.add_argument("--data", help="token shards (python -m longformer.prepare_data), or text tokenized at start-up "
+                                  "into --cache-dir: a folder of .txt files, a text file (blank-line separated), a "
+                                  ".jsonl or a .parquet; or a folder with FlagPerf's train_dataset.npz/eval_dataset.npz "
+                                  "(none: the embedded demo)")
+    g.add_argument("--val-data", help="validation documents, as --data (shards: their training split; default: "
+                                      "hold out --val-fraction of --data's documents)")
     g.add_argument("--val-fraction", type=number(float, 0, strict=True), default=0.05)
-    g.add_argument("--text-field", default="text", help="the .jsonl field holding the text")
+    g.add_argument("--text-field", default="text", help="the .jsonl field or .parquet column holding the text")
     g.add_argument("--seq-len", type=number(int, 1, False), default=1024)
+    g.add_argument("--packing", choices=PACKINGS, default="documents",
+                   help="documents: whole documents fill each block and never attend to each other; single: one "
+                        "document per block, padded; concat: documents run together and cut every --seq-len tokens")
     g.add_argument("--mask-prob", type=number(float, 0, strict=True), default=0.15)
     g = add_model_arguments(p, "HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
     g.add_argument("--config", help="config.json (or its folder) for a randomly initialised model")
@@ -71,12 +78,11 @@ def parse_args(argv=None):
 # -- building the run ------------------------------------------------------------------------------
 
 def build(args):
-    """(model, tokenizer folder or None, train set, validation set)."""
+    """(model, tokenizer folder or None, train set, validation set, <mask> id or None)."""
     tokenizer_dir = args.tokenizer or args.init
     if not args.data:
         print("no --data: the embedded demo (Python's own docstrings, a small Longformer, window 64 < 256 tokens)")
-        docs = demo.corpus()
-        tokenizer_dir = demo.demo_tokenizer(docs, args.cache_dir)
+        tokenizer_dir = demo.demo_tokenizer(demo.corpus(), args.cache_dir)
         config = demo.demo_config(longformer.load_tokenizer(tokenizer_dir).get_vocab_size(), args.seq_len)
         model = longformer.LongformerForMaskedLM(config)
     elif args.init:
@@ -94,38 +100,45 @@ def build(args):
         if train_set.seq_len > config.max_length:
             raise SystemExit(f"the .npz blocks ({train_set.seq_len} tokens) are longer than the model allows "
                              f"({config.max_length})")
-        return model, tokenizer_dir, train_set, val_set
+        return model, tokenizer_dir, train_set, val_set, None
     if args.seq_len > config.max_length:  # (.npz blocks have their own length, checked above)
         raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's position table "
                          f"({config.max_length} tokens): lower it, or extend the model with python -m longformer.convert")
+    val_fraction = 0.0 if args.val_data else args.val_fraction
+    data, manifest = token_shards(args.data or demo.corpus(), tokenizer_dir, args, val_fraction)
+    blocks = lambda directory, split, m: TokenBlocks(directory, split, args.seq_len, args.packing, m)  # noqa: E731
+    train_set = blocks(data, "train", manifest)
+    if args.val_data:
+        val_data, val_manifest = token_shards(args.val_data, tokenizer_dir, args, 0.0)
+        val_set = blocks(val_data, "train", val_manifest)
+    else:
+        val_set = blocks(data, "val", manifest)
+    for name, n in (("training", len(train_set)), ("validation", len(val_set))):
+        if n == 0:
+            raise SystemExit(f"the {name} data gives no block of --seq-len {args.seq_len} tokens"
+                             + (" with --packing concat: use --packing documents" if args.packing == "concat" else ""))
+    print(f"{manifest['train']['documents']:,} training documents -> {len(train_set):,} blocks of {args.seq_len} "
+          f"tokens ({args.packing} packing); {len(val_set):,} validation blocks")
+    return model, tokenizer_dir, train_set, val_set, manifest["tokenizer"]["mask_id"]
+
+
+def token_shards(source, tokenizer_dir, args, val_fraction) -> tuple[str, dict]:
+    """(folder, manifest) of token shards: source itself if it is one, else text tokenized into the cache."""
+    if isinstance(source, str) and os.path.isfile(os.path.join(source, "manifest.json")):
+        sha = tokenizer_info(longformer.load_tokenizer(tokenizer_dir))["sha256"] if tokenizer_dir else None
+        return source, read_manifest(source, sha)
     if tokenizer_dir is None:
         raise SystemExit("text data needs a tokenizer: --tokenizer DIR (or --init a checkpoint that has one)")
-    tokenizer = longformer.load_tokenizer(tokenizer_dir)
-    if args.data:
-        docs = read_documents(args.data, args.text_field)
-    if args.val_data:
-        train_docs, val_docs = docs, read_documents(args.val_data, args.text_field)
-    else:
-        train_docs, val_docs = hold_out(docs, args.val_fraction, args.seed)
-    special = [tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
-    train_set = pack_blocks(tokenize_documents(train_docs, tokenizer, args.cache_dir), args.seq_len, special)
-    val_set = pack_blocks(tokenize_documents(val_docs, tokenizer, args.cache_dir), args.seq_len, special)
-    print(f"{len(train_docs)} training documents -> {len(train_set)} blocks of {args.seq_len} tokens; "
-          f"{len(val_docs)} validation documents -> {len(val_set)} blocks")
-    return model, tokenizer_dir, train_set, val_set
+    return prepare_cached(source, args.cache_dir, tokenizer_dir, val_fraction, args.seed, args.text_field)
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # the same random initialisation on every rank and in every run
-    model, tokenizer_dir, train_set, val_set = build(args)
+    model, tokenizer_dir, train_set, val_set, mask_id = build(args)
     for name, blocks in (("the training data", train_set), ("the validation data", val_set)):
-        check_vocabulary(int(blocks.input_ids.max(initial=0)), model.config.vocab_size,
-                         f"{name} ({args.data or 'the demo'})")
-    if tokenizer_dir:
-        tokenizer = longformer.load_tokenizer(tokenizer_dir)
-        mask_id = tokenizer.token_to_id("<mask>")
-    else:
+        check_vocabulary(blocks.largest_id, model.config.vocab_size, f"{name} ({args.data or 'the demo'})")
+    if mask_id is None:
         mask_id = model.config.vocab_size - 1  # RoBERTa's <mask> is its last id
         print(f"no tokenizer given: <mask> taken to be id {mask_id}, the vocabulary's last (as in RoBERTa)")
     task = MLMTask(mask_id, model.config.vocab_size, args.mask_prob)

@@ -1,4 +1,5 @@
-"""Training data: read documents, tokenize once (cached), pack into blocks, and mask for MLM.
+"""Training data: hold-out splits, the demo's documents, pre-cut blocks (FlagPerf's .npz), MLM masking, and
+labelled documents for classification. Token shards and packing: prepare_data.py and shards.py.
 
 Masking is seeded per example (by the run's seed, the epoch and the example's index), so an example gets
 the same mask however the data is sharded across processes: the key to exact multi-process equivalence
@@ -6,7 +7,6 @@ and exact resumption.
 """
 import ast
 import glob
-import hashlib
 import json
 import os
 import re
@@ -16,34 +16,6 @@ import numpy as np
 import torch
 
 # -- documents -----------------------------------------------------------------------------------
-
-def read_documents(path: str, text_field: str = "text") -> list[str]:
-    """A folder of .txt files (one document each), a .jsonl with a text field, or a text file whose
-    documents are separated by blank lines (as wikitext)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--data {path!r} does not exist")
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
-        if not files:
-            raise SystemExit(f"--data {path!r} is a folder without .txt files (one document per file expected)")
-        docs = [open(f, encoding="utf-8", errors="replace").read() for f in files]
-    elif path.endswith(".jsonl"):
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise SystemExit(f"{path}:{n}: no {text_field!r} field (fields: {', '.join(record)})")
-                    docs.append(record[text_field])
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            docs = re.split(r"\n\s*\n", f.read())
-    docs = [d.strip() for d in docs if d.strip()]
-    if not docs:
-        raise SystemExit(f"--data {path!r} holds no text")
-    return docs
-
 
 def hold_out(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random fraction of the items (documents, essays) held out whole."""
@@ -75,27 +47,7 @@ def stdlib_documents(limit_chars: int = 6_000_000) -> list[str]:
     return docs
 
 
-# -- tokenizing and packing ----------------------------------------------------------------------
-
-def tokenize_documents(docs: list[str], tokenizer, cache_dir: str | None) -> list[np.ndarray]:
-    """Each document as <s> ... </s> token ids; cached by the hash of the texts and the tokenizer."""
-    key = hashlib.sha256(tokenizer.to_str().encode())
-    for d in docs:
-        key.update(d.encode())
-        key.update(b"\0")
-    path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:24]}.npz") if cache_dir else None
-    if path and os.path.isfile(path):
-        with np.load(path) as z:
-            return np.split(z["ids"], z["offsets"][1:-1])
-    encoded = [np.asarray(e.ids, dtype=np.int32) for e in tokenizer.encode_batch(docs)]
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        offsets = np.cumsum([0] + [len(e) for e in encoded])
-        tmp = f"{path}.{os.getpid()}.npz"
-        np.savez(tmp, ids=np.concatenate(encoded), offsets=offsets)
-        os.replace(tmp, path)
-    return encoded
-
+# -- pre-cut blocks ---------------------------------------------------------------------------------
 
 class BlockDataset:
     """Fixed-length blocks of token ids: input_ids, attention_mask, special_tokens_mask, each [N, L]."""
@@ -114,6 +66,10 @@ class BlockDataset:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def largest_id(self) -> int:
+        return int(self.input_ids.max(initial=0))
+
     def __getitem__(self, i):
         return {"index": i, "input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
                 "special_tokens_mask": self.special_tokens_mask[i]}
@@ -125,16 +81,6 @@ def check_vocabulary(largest_id: int, vocab_size: int, where: str):
         raise SystemExit(f"{where} holds token id {largest_id}, but the model's vocabulary has {vocab_size} ids "
                          f"(0..{vocab_size - 1}): use the tokenizer the model was trained with, or a model whose "
                          f"vocab_size covers the data")
-
-
-def pack_blocks(encoded: list[np.ndarray], seq_len: int, special_ids) -> BlockDataset:
-    """Concatenate the documents (each already <s> ... </s>) and cut into blocks of seq_len tokens."""
-    flat = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
-    n = len(flat) // seq_len
-    if n == 0:
-        raise SystemExit(f"the text gives {len(flat)} tokens, less than one block of --seq-len {seq_len}")
-    ids = flat[:n * seq_len].reshape(n, seq_len)
-    return BlockDataset(ids, special_tokens_mask=np.isin(ids, list(special_ids)))
 
 
 def read_npz_pair(directory: str) -> tuple[BlockDataset, BlockDataset]:
@@ -172,7 +118,8 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, generator, mask_id: i
 
 
 def collate_mlm(examples: list[dict], seed: int, mask_id: int, vocab_size: int, prob: float = 0.15) -> dict:
-    """Stack blocks and mask each with its own generator (seed, example index)."""
+    """Stack blocks (with their document_ids, where packed) and mask each with its own generator (seed, example
+    index)."""
     ids, labels = [], []
     for ex in examples:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(ex["index"]))
@@ -181,8 +128,11 @@ def collate_mlm(examples: list[dict], seed: int, mask_id: int, vocab_size: int, 
         m, l = mask_tokens(x, maskable, gen, mask_id, vocab_size, prob)
         ids.append(m)
         labels.append(l)
-    return {"input_ids": torch.stack(ids), "labels": torch.stack(labels),
-            "attention_mask": torch.stack([torch.as_tensor(ex["attention_mask"]) for ex in examples])}
+    batch = {"input_ids": torch.stack(ids), "labels": torch.stack(labels),
+             "attention_mask": torch.stack([torch.as_tensor(ex["attention_mask"]) for ex in examples])}
+    if "document_ids" in examples[0]:  # packed documents
+        batch["document_ids"] = torch.stack([torch.as_tensor(ex["document_ids"]) for ex in examples])
+    return batch
 
 
 # -- labelled documents (classification) ------------------------------------------------------------

@@ -16,7 +16,7 @@ from tokenizers import ByteLevelBPETokenizer
 
 import longformer
 from device import DEVICE
-from longformer.data import BlockDataset, mask_tokens, read_documents, read_npz_pair
+from longformer.data import BlockDataset, mask_tokens, read_npz_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the a long document model window token global attention reads writes learns sees each every".split()
@@ -280,23 +280,6 @@ def test_masking_follows_80_10_10_and_spares_special_tokens():
     kept = (masked[chosen] == ids[chosen]).sum() / n_chosen
     assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1 - 0.001) < 0.01  # random may hit the same id: ~1/1000
     assert abs(1 - to_mask - kept - 0.1) < 0.01
-
-
-def test_readers(tmp_path):
-    (tmp_path / "wiki.txt").write_text(" = Title = \n\nFirst paragraph\nstill first.\n\n\n  \nSecond.\n")
-    assert read_documents(str(tmp_path / "wiki.txt")) == ["= Title =", "First paragraph\nstill first.", "Second."]
-    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
-    assert read_documents(str(tmp_path / "d.jsonl")) == ["one", "two"]
-    (tmp_path / "bad.jsonl").write_text('{"body": "one"}\n')
-    with pytest.raises(SystemExit, match="no 'text' field"):
-        read_documents(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "folder" / "sub").mkdir(parents=True)
-    (tmp_path / "folder" / "b.txt").write_text("bee")
-    (tmp_path / "folder" / "sub" / "a.txt").write_text("ay")
-    assert sorted(read_documents(str(tmp_path / "folder"))) == ["ay", "bee"]
-    (tmp_path / "nofiles").mkdir()
-    with pytest.raises(SystemExit, match="without .txt files"):
-        read_documents(str(tmp_path / "nofiles"))
 
 
 def test_flagperf_npz_pair(tmp_path):

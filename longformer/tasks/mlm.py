@@ -20,7 +20,7 @@ class MLMTask(Task):
 
     def _scores(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                       logits_at_labels_only=True).logits  # [predicted tokens, vocab]
+                       document_ids=batch.get("document_ids"), logits_at_labels_only=True).logits  # [predicted, vocab]
         return logits.float(), batch["labels"][batch["labels"].ne(-100)]
 
     def loss_sum(self, model, batch):
