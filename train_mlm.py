@@ -44,6 +44,8 @@ def build_parser():
     g.add_argument("--val-data", help="validation documents, as --data (shards: their training split; default: "
                                       "hold out --val-fraction of --data's documents)")
     g.add_argument("--val-fraction", type=number(float, 0, strict=True), default=0.05)
+    g.add_argument("--max-val-blocks", type=number(int, 0), default=2000,
+                   help="evaluate on at most this many blocks, evenly spaced over the validation split (0: all)")
     g.add_argument("--text-field", default="text", help="the .jsonl field or .parquet column holding the text")
     g.add_argument("--seq-len", type=number(int, 1, False), default=1024)
     g.add_argument("--packing", choices=PACKINGS, default="documents",
@@ -106,13 +108,12 @@ def build(args):
                          f"({config.max_length} tokens): lower it, or extend the model with python -m longformer.convert")
     val_fraction = 0.0 if args.val_data else args.val_fraction
     data, manifest = token_shards(args.data or demo.corpus(), tokenizer_dir, args, val_fraction)
-    blocks = lambda directory, split, m: TokenBlocks(directory, split, args.seq_len, args.packing, m)  # noqa: E731
-    train_set = blocks(data, "train", manifest)
+    train_set = TokenBlocks(data, "train", args.seq_len, args.packing, manifest)
     if args.val_data:
         val_data, val_manifest = token_shards(args.val_data, tokenizer_dir, args, 0.0)
-        val_set = blocks(val_data, "train", val_manifest)
+        val_set = TokenBlocks(val_data, "train", args.seq_len, args.packing, val_manifest, args.max_val_blocks)
     else:
-        val_set = blocks(data, "val", manifest)
+        val_set = TokenBlocks(data, "val", args.seq_len, args.packing, manifest, args.max_val_blocks)
     for name, n in (("training", len(train_set)), ("validation", len(val_set))):
         if n == 0:
             raise SystemExit(f"the {name} data gives no block of --seq-len {args.seq_len} tokens"

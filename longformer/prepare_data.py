@@ -213,11 +213,9 @@ def _write_shard(out: str, name: str, docs_lengths: np.ndarray, ids: np.ndarray,
         n_val = min(n - 1, max(1, n_val))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng([seed, index]).permutation(n)[:n_val]] = True
-    starts = np.concatenate([[0], np.cumsum(docs_lengths)])
     record = {"name": name, "settings_hash": settings_hash, "files": {}}
     for split, chosen in (("train", ~is_val), ("val", is_val)):
-        pieces = [ids[starts[i]:starts[i + 1]] for i in np.flatnonzero(chosen)]
-        tokens = np.concatenate(pieces).astype(dtype) if pieces else np.zeros(0, dtype)
+        tokens = ids[np.repeat(chosen, docs_lengths)].astype(dtype)
         offsets = np.concatenate([[0], np.cumsum(docs_lengths[chosen])]).astype(np.int64)
         for kind, array in (("tokens", tokens), ("offsets", offsets)):
             file = f"{name}-{split}-{kind}.npy"
@@ -231,10 +229,7 @@ def _write_shard(out: str, name: str, docs_lengths: np.ndarray, ids: np.ndarray,
 
 def _finished_shard(out: str, name: str, settings_hash: str) -> dict | None:
     """The record of a shard an earlier run finished with the same settings, if its files are whole."""
-    try:
-        record = json.load(open(os.path.join(out, f"{name}.json")))
-    except (OSError, json.JSONDecodeError):
-        return None
+    record = _read_json(os.path.join(out, f"{name}.json")) or {}
     whole = all(os.path.isfile(os.path.join(out, f)) and os.path.getsize(os.path.join(out, f)) == size
                 for f, size in record.get("files", {}).items())
     return record if whole and record.get("settings_hash") == settings_hash else None
@@ -286,8 +281,12 @@ def _tokenize_shards(docs: Iterable[str], out: str, tokenizer, workers: int, dty
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tokens/s", refresh=False)
             del batches
-            records.append(_write_shard(out, name, np.concatenate(lengths), np.concatenate(ids), val_fraction, seed,
-                                        index, dtype, settings_hash))
+            try:
+                records.append(_write_shard(out, name, np.concatenate(lengths), np.concatenate(ids), val_fraction,
+                                            seed, index, dtype, settings_hash))
+            except OSError as e:
+                raise SystemExit(f"writing {name} to {out} failed: {e.strerror or e}. Free some space (or choose "
+                                 f"another OUT); the same command then continues from {name}")
     finally:
         bar.close()
         if pool:
@@ -330,11 +329,14 @@ def _check_out(out: str, settings_hash: str, overwrite: bool):
 
 
 def _settings_of(path: str) -> str | None:
+    return (_read_json(path) or {}).get("settings_hash")
+
+
+def _read_json(path: str) -> dict | None:
     try:
-        record = json.load(open(path))
+        return json.load(open(path))
     except (OSError, json.JSONDecodeError):
         return None
-    return record.get("settings_hash")
 
 
 def prepare(source, out: str, tokenizer_dir: str, workers: int = 1, val_fraction: float = 0.01, seed: int = 0,

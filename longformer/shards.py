@@ -1,7 +1,8 @@
 """Training blocks cut on the fly from memory-mapped token shards (made by longformer.prepare_data).
 
 Resident memory does not grow with the corpus: the tokens stay on disk (numpy memmap) and each block is
-read when the loop asks for it. What is held is an index of 8 bytes per block.
+read when the loop asks for it. What is held is an index of 16 bytes per block (where each starts and
+ends): 1/512 of the tokens' size at 4,096-token blocks.
 
 Packing, for blocks of L tokens:
 - "documents": whole documents, in order, fill each block; a document that does not fit in what is left
@@ -68,11 +69,13 @@ class TokenBlocks:
     """
 
     def __init__(self, directory: str, split: str, seq_len: int, packing: str = "documents",
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, max_blocks: int = 0):
+        """max_blocks > 0: keep that many blocks, evenly spaced over the split (a validation set of a size
+        that is quick to evaluate, however large the corpus)."""
         if packing not in PACKINGS:
             raise ValueError(f"packing {packing!r}: expected one of {', '.join(PACKINGS)}")
         manifest = manifest or read_manifest(directory)
-        self.seq_len, self.packing, self.split = seq_len, packing, split
+        self.seq_len, self.packing = seq_len, packing
         info = manifest["tokenizer"]
         self.pad_id = info["pad_id"]
         self.special_ids = np.array([info["bos_id"], info["eos_id"], info["pad_id"]])
@@ -85,17 +88,20 @@ class TokenBlocks:
                 self.offsets.append(np.load(f"{name}-offsets.npy", mmap_mode="r"))
         # shard k holds the tokens base[k] .. base[k + 1] of the split's stream
         self.base = np.cumsum([0] + [len(t) for t in self.tokens])
-        self.total = int(self.base[-1])
+        total = int(self.base[-1])
         if packing == "concat":
-            self.starts = None
-            self.num_blocks = self.total // seq_len
+            self.starts = np.arange(total // seq_len, dtype=np.int64) * seq_len
+            self.ends = self.starts + seq_len
         else:  # each shard packed on its own: a block never spans two shards
             self.starts = np.concatenate([np.zeros(0, np.int64)] + [
                 pack_starts(np.diff(o), seq_len, packing == "single") + b for o, b in zip(self.offsets, self.base)])
-            self.num_blocks = len(self.starts)
+            self.ends = np.minimum(self.starts + seq_len, np.append(self.starts[1:], total))
+        if 0 < max_blocks < len(self.starts):
+            chosen = np.linspace(0, len(self.starts) - 1, max_blocks).round().astype(np.int64)
+            self.starts, self.ends = self.starts[chosen], self.ends[chosen]
 
     def __len__(self):
-        return self.num_blocks
+        return len(self.starts)
 
     def _read(self, start: int, end: int) -> np.ndarray:
         """Tokens start..end of the split's stream (which may run across shards) as int64."""
@@ -115,14 +121,9 @@ class TokenBlocks:
         return doc - doc[0]
 
     def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.num_blocks:
-            raise IndexError(f"block {i} of {self.num_blocks}")
-        L = self.seq_len
-        if self.starts is None:
-            start, end = i * L, (i + 1) * L
-        else:
-            start = int(self.starts[i])
-            end = min(start + L, int(self.starts[i + 1]) if i + 1 < self.num_blocks else self.total)
+        if not 0 <= i < len(self):
+            raise IndexError(f"block {i} of {len(self)}")
+        L, start, end = self.seq_len, int(self.starts[i]), int(self.ends[i])
         ids = np.full(L, self.pad_id, dtype=np.int64)
         ids[:end - start] = self._read(start, end)
         example = {"index": i, "input_ids": ids, "attention_mask": (np.arange(L) < end - start).astype(np.int64),

@@ -177,6 +177,25 @@ def test_bad_input_and_mismatched_shards(tmp_path, tok):
         read_manifest(str(tmp_path / "e"))
 
 
+def test_full_disk_is_named_and_the_same_command_finishes(tmp_path, tok, monkeypatch):
+    from longformer import prepare_data
+    source = write_jsonl(tmp_path / "d.jsonl", make_text(300))
+    prepare(source, str(tmp_path / "whole"), tok, shard_chars=3000, progress=False)
+    calls = []
+
+    def full_after_some(path, array, save=prepare_data._save_npy):
+        calls.append(path)
+        if len(calls) > 9:
+            raise OSError(28, "No space left on device")
+        save(path, array)
+    monkeypatch.setattr(prepare_data, "_save_npy", full_after_some)
+    with pytest.raises(SystemExit, match="writing shard-00002 to .* failed: No space left on device.*continues from"):
+        prepare(source, str(tmp_path / "out"), tok, shard_chars=3000, progress=False)
+    monkeypatch.undo()
+    prepare(source, str(tmp_path / "out"), tok, shard_chars=3000, progress=False)
+    same_files(tmp_path / "whole", tmp_path / "out")
+
+
 def test_pack_starts():
     # block of 10: [3, 4] fill 7; 5 does not fit -> new block; 12 is long -> two blocks (10 + 2); 6 joins the 2
     assert pack_starts(np.array([3, 4, 5, 12, 6]), 10, single=False).tolist() == [0, 7, 12, 22]

@@ -305,3 +305,28 @@ def test_plot_draws_the_curves(tmp_path):
     out = plot(str(tmp_path))
     assert out.endswith("curves.png") and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
+
+def test_prepared_shards_train_without_a_tokenizer(setup, tmp_path):
+    """--data a shard folder: <mask> and the special ids come from its manifest, so a random model needs no
+    tokenizer; every packing trains; a folder prepared with another tokenizer is refused."""
+    shards = tmp_path / "shards"
+    run([sys.executable, "-m", "longformer.prepare_data", str(setup / "essays"), str(shards), "--tokenizer",
+         str(setup / "tok"), "--val-fraction", "0.2", "--workers", "1"])
+    for packing in ("documents", "single", "concat"):
+        out = tmp_path / f"run-{packing}"
+        done = run([sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(shards), "--config",
+                    str(setup / "cfg"), "--seq-len", "32", "--packing", packing, "--max-steps", "2", "--batch-size",
+                    "2", "--out", str(out), "--device", DEVICE.type])
+        assert f"({packing} packing)" in done.stdout and os.path.isfile(out / "model.safetensors")
+        assert "<mask> taken to be" not in done.stdout
+    other = tmp_path / "tok2"
+    other.mkdir()
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(make_text(20, seed=1), vocab_size=280, special_tokens=["<s>", "<pad>", "</s>", "<unk>",
+                                                                                      "<mask>"], show_progress=False)
+    tok.save_model(str(other))
+    done = run([sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(shards), "--config",
+                str(setup / "cfg"), "--tokenizer", str(other), "--seq-len", "32", "--out", str(tmp_path / "x")],
+               ok=False)
+    assert done.returncode != 0 and "another tokenizer" in done.stderr
+
