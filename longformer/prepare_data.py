@@ -153,35 +153,22 @@ def _start_worker(tokenizer_json: str):
 
 def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """texts -> (lengths [n] int64, all their ids concatenated, uint32): compact to send between processes."""
-    encoded = (tokenizer or _worker_tokenizer).encode_batch(texts)
-    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
-    ids = np.fromiter((i for e in encoded for i in e.ids), dtype=np.uint32, count=int(lengths.sum()))
-    return lengths, ids
+    encoded = [np.asarray(e.ids, dtype=np.uint32) for e in (tokenizer or _worker_tokenizer).encode_batch(texts)]
+    return np.array([len(e) for e in encoded], dtype=np.int64), np.concatenate(encoded)
 
 
-def _batches(docs: list[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
+def _groups(docs: Iterable[str], chars_per_group: int) -> Iterator[list[str]]:
+    """Consecutive documents, about chars_per_group characters a group (shards, and the batches sent to workers):
+    the boundaries depend only on the text."""
+    group, chars = [], 0
     for d in docs:
-        batch.append(d)
+        group.append(d)
         chars += len(d)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _shards(docs: Iterable[str], shard_chars: int) -> Iterator[list[str]]:
-    """Consecutive documents, about shard_chars characters a group: the boundaries depend only on the text."""
-    shard, chars = [], 0
-    for d in docs:
-        shard.append(d)
-        chars += len(d)
-        if chars >= shard_chars:
-            yield shard
-            shard, chars = [], 0
-    if shard:
-        yield shard
+        if chars >= chars_per_group:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -263,14 +250,14 @@ def _tokenize_shards(docs: Iterable[str], out: str, tokenizer, workers: int, dty
     bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, mininterval=1)
     records, tokens, start = [], 0, time.time()
     try:
-        for index, texts in enumerate(_shards(docs, shard_chars)):
+        for index, texts in enumerate(_groups(docs, shard_chars)):
             name = f"shard-{index:05d}"
             record = _finished_shard(out, name, settings_hash)
             if record is not None:  # finished by an earlier run
                 bar.update(len(texts))
                 records.append(record)
                 continue
-            batches = list(_batches(texts))
+            batches = list(_groups(texts, BATCH_CHARS))
             del texts
             results = pool.imap(_encode, batches) if pool else (_encode(b, tokenizer) for b in batches)
             lengths, ids = [], []
