@@ -8,7 +8,8 @@ lengths log-normal around 3,000 characters) is tokenized with the demo tokenizer
 `python -m longformer.prepare_data` with each --workers count; peak memory is sampled every 0.1 s over the
 whole process tree (workers included). Then `train_mlm.py --data SHARDS` trains the demo model for
 --train-steps steps of 8 x 1,024 tokens with documents packing, and its peak memory is recorded. Memory is
-the proportional set size (PSS: resident pages, those shared between processes split between them).
+the proportional set size (PSS: resident pages, those shared between processes split between them), all
+of it and its anonymous part (the processes' own memory, without the pages of memory-mapped files).
 """
 import argparse
 import json
@@ -27,9 +28,11 @@ sys.path.insert(0, ROOT)
 from longformer import demo  # noqa: E402
 
 
-def tree_memory(pid: int) -> int:
-    """Proportional set size (resident bytes, shared pages split between their sharers) of pid and all its
-    descendants: forked workers share most of their pages with the parent, which RSS would count twice."""
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(all, anonymous) proportional set size of pid and all its descendants, in bytes: resident pages, those
+    shared between processes split between them (forked workers share most of theirs with the parent, which
+    RSS would count twice). Anonymous pages are the processes' own memory; the rest are files' pages, such as
+    the memory-mapped shards (page cache, which the kernel reclaims under pressure)."""
     children, pss = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -39,23 +42,24 @@ def tree_memory(pid: int) -> int:
             except OSError:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            found = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
-            pss[int(entry)] = int(found.group(1)) * 1024 if found else 0
-    total, todo = 0, [pid]
+            pss[int(entry)] = [int(m.group(1)) * 1024 if m else 0 for m in
+                               (re.search(rf"^{key}:\s+(\d+) kB", rollup, re.M) for key in ("Pss", "Pss_Anon"))]
+    total, anon, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
-        total += pss.get(p, 0)
+        total, anon = total + pss.get(p, [0, 0])[0], anon + pss.get(p, [0, 0])[1]
         todo += children.get(p, [])
-    return total
+    return total, anon
 
 
-def run_sampled(cmd: list[str]) -> tuple[float, int, str]:
-    """(seconds, peak memory of the process tree, output) of a command."""
-    start, peak = time.time(), 0
+def run_sampled(cmd: list[str]) -> tuple[float, dict, str]:
+    """(seconds, peak memory of the process tree in MB {"pss", "anon"}, output) of a command."""
+    start, peak = time.time(), {"pss": 0, "anon": 0}
     with open(os.devnull, "w") as devnull:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=devnull, text=True)
         while proc.poll() is None:
-            peak = max(peak, tree_memory(proc.pid))
+            total, anon = tree_memory(proc.pid)
+            peak = {"pss": max(peak["pss"], round(total / 2**20)), "anon": max(peak["anon"], round(anon / 2**20))}
             time.sleep(0.1)
     out = proc.stdout.read()
     if proc.returncode:
@@ -103,8 +107,8 @@ def main():
             manifest = json.load(open(os.path.join(shards, "manifest.json")))
             tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
             row = {"step": "prepare_data", "corpus_gb": size, "workers": workers, "seconds": round(seconds, 1),
-                   "peak_pss_mb": round(peak / 2**20), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
-                   "mb_text_per_s": round(os.path.getsize(corpus) / 1e6 / seconds, 2)}
+                   "peak_pss_mb": peak["pss"], "peak_anon_mb": peak["anon"], "tokens": tokens,
+                   "tokens_per_s": round(tokens / seconds), "mb_text_per_s": round(os.path.getsize(corpus) / 1e6 / seconds, 2)}
             print(row, flush=True)
             results["rows"].append(row)
         run_dir = os.path.join(args.dir, f"run-{size}gb")
@@ -115,7 +119,7 @@ def main():
             "--out", run_dir, "--cache-dir", cache])
         blocks = int(re.search(r"-> ([\d,]+) blocks", out).group(1).replace(",", ""))
         row = {"step": "train_mlm", "corpus_gb": size, "train_steps": args.train_steps, "blocks": blocks,
-               "seconds": round(seconds, 1), "peak_pss_mb": round(peak / 2**20)}
+               "seconds": round(seconds, 1), "peak_pss_mb": peak["pss"], "peak_anon_mb": peak["anon"]}
         print(row, flush=True)
         results["rows"].append(row)
         for workers in args.workers:
