@@ -5,7 +5,7 @@ import os
 import time
 
 from .config import ATTENTION_BACKENDS
-from .trainer import DEVICES, PRECISIONS, TrainArgs
+from .trainer import DEVICES, PRECISIONS, REPORT_TO, TrainArgs
 
 
 def number(kind, low=None, strict=False):
@@ -46,7 +46,8 @@ def add_training_arguments(parser: argparse.ArgumentParser):
         value = getattr(defaults, f.name)
         kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
-                       choices={"precision": list(PRECISIONS), "device": list(DEVICES)}.get(f.name))
+                       choices={"precision": list(PRECISIONS), "device": list(DEVICES),
+                                "report_to": list(REPORT_TO)}.get(f.name))
 
 
 def train_args(args: argparse.Namespace, name: str) -> TrainArgs:

@@ -9,8 +9,6 @@ and what it is scored on. Launch one process with `python script.py`, or several
 import json
 import math
 import os
-import pickle
-import shutil
 import signal
 import sys
 import threading
@@ -23,12 +21,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .files import atomic_torch_save, atomic_write_text
+from .run_files import (is_better, latest_checkpoint, load_checkpoint, pointed_checkpoint, read_out,
+                        remove_partial_checkpoints, save_checkpoint, settings_hash, start_out)
 from .tasks.base import Task
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir", "device")
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -54,6 +53,9 @@ class TrainArgs:
     stop_after: int = 0  # end this invocation after this many steps; the same command continues (0 = never)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
     device: str = "auto"  # auto (cuda when torch sees a GPU), cpu, cuda
+    keep_checkpoints: int = 2  # the newest checkpoints kept (at least 1)
+    keep_best: str = ""  # also keep the best checkpoint by this evaluation metric (loss, accuracy, f1, ...)
+    report_to: str = "none"  # none, or tensorboard (OUT/tensorboard; pip install tensorboard)
 
 
 # -- distributed set-up -------------------------------------------------------------------------
@@ -92,40 +94,6 @@ def barrier():
         dist.barrier()
 
 
-# -- output directory and checkpoints --------------------------------------------------------------
-
-def read_out(out: str, run: dict, resume: bool, overwrite: bool) -> str:
-    """What to do with --out, decided by every rank from the files alone: "new" (start a run there), "continue"
-    (the same settings: the same command continues the run), or "finished". Other settings, or files that
-    are not a run, are refused."""
-    run_file = os.path.join(out, "run.json")
-    if overwrite and not resume:
-        return "new"
-    if not os.path.isfile(run_file):
-        if resume:
-            raise SystemExit(f"--resume: {out!r} holds no run to resume (no run.json)")
-        if os.path.isdir(out) and os.listdir(out):
-            raise SystemExit(f"{out!r} already holds files that are not a run (no run.json): choose a new --out, "
-                             f"or replace them with --overwrite")
-        return "new"
-    with open(run_file) as f:
-        saved = json.load(f)
-    changed = {k: (saved.get(k), v) for k, v in run.items()  # settings that do not change the training may
-               if k not in RESUME_MAY_CHANGE and saved.get(k) != v}  # differ
-    if changed:
-        raise SystemExit(f"{out!r} holds a run with other settings ("
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                         + "): choose a new --out, or replace it with --overwrite")
-    return "finished" if os.path.isfile(os.path.join(out, "model.safetensors")) else "continue"
-
-
-def start_out(out: str, run: dict):
-    """A new run: an empty --out (what was there is deleted: --overwrite) holding run.json."""
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "run.json"), json.dumps(run, indent=2) + "\n")
-
-
 class StopSignals:
     """SIGTERM and SIGINT ask the loop to finish its step, write a checkpoint and exit (a preempted job is
     requeued and continues); a second signal exits at once."""
@@ -144,51 +112,6 @@ class StopSignals:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def latest_checkpoint(out: str) -> str | None:
-    pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out, "checkpoints", f.read().strip())
-
-
-def save_checkpoint(out, model, optimizer, scheduler, scaler, state, rng_states):
-    """checkpoints/step-N/ (HF model + trainer state), written under a temporary name and renamed, then the
-    `latest` pointer is swapped: a crash at any moment leaves the previous checkpoint intact and pointed to."""
-    name = f"step-{state['step']}"
-    root = os.path.join(out, "checkpoints")
-    tmp = os.path.join(root, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    atomic_torch_save(os.path.join(tmp, "trainer_state.pt"), {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "state": state, "rng": rng_states})
-    final = os.path.join(root, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    previous = latest_checkpoint(out)
-    atomic_write_text(os.path.join(root, "latest"), name)
-    if previous and os.path.abspath(previous) != os.path.abspath(final):
-        shutil.rmtree(previous, ignore_errors=True)
-
-
-def load_checkpoint(path):
-    """The trainer state and HF state dict of a checkpoint, or a clear error if it is damaged."""
-    from .checkpoint import read_state_dict
-    state_file = os.path.join(path, "trainer_state.pt")
-    try:
-        # weights_only: tensors and plain containers only; a pickled object that would run code is refused.
-        trainer = torch.load(state_file, map_location="cpu", weights_only=True)
-        weights = read_state_dict(path)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f"{state_file} holds objects other than tensors and plain containers, which loading could "
-                         f"turn into running code: refused. Use checkpoints this library wrote ({e})") from e
-    except Exception as e:  # truncated zip, bad safetensors header, missing file
-        raise SystemExit(f"checkpoint {path!r} is damaged or incomplete ({type(e).__name__}: {e}). Delete it and "
-                         f"point checkpoints/latest at an earlier one, or start again with --overwrite") from e
-    return trainer, weights
 
 
 def rng_state():
@@ -234,8 +157,19 @@ def skip_bad_step(args: TrainArgs, state: dict, log, fatal: bool, bar):
         bar.close()
         raise SystemExit(f"stopped at step {state['step'] + 1}: {state['bad_in_a_row']} steps in a row had a "
                          f"non-finite loss or gradient norm ({state['bad_steps']} skipped in all). The last good "
-                         f"checkpoint is kept: {latest_checkpoint(args.out) or 'none yet'}. Try a lower --lr (now "
+                         f"checkpoint is kept: {pointed_checkpoint(args.out) or 'none yet'}. Try a lower --lr (now "
                          f"{args.lr}), --precision bf16 rather than fp16, or gradient clipping (--clip, now {args.clip})")
+
+
+def tensorboard_writer(args: TrainArgs):
+    """A SummaryWriter in OUT/tensorboard for --report-to tensorboard, else None."""
+    if args.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f"--report-to tensorboard needs the tensorboard package: pip install tensorboard ({e})")
+    return SummaryWriter(os.path.join(args.out, "tensorboard"))
 
 
 def injected_nan(step: int) -> bool:
@@ -264,6 +198,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         return {}
     if what == "new" and master:
         start_out(args.out, run)
+    if what == "continue" and master:
+        remove_partial_checkpoints(args.out)
     barrier()
     torch.manual_seed(args.seed + rank)
     model.to(device)
@@ -274,6 +210,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                          f"({args.batch_size} x {args.grad_accum} accumulation x {world} processes)")
     if len(val_set) < world:
         raise SystemExit(f"the validation set has {len(val_set)} examples, fewer than the {world} processes")
+    if args.keep_checkpoints < 1:
+        raise SystemExit("--keep-checkpoints must be at least 1: the run continues from its newest checkpoint")
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     optimizer = make_optimizer(model, args)
     scheduler = linear_schedule(optimizer, int(args.warmup * total), total)
@@ -281,7 +219,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
     state = {"step": 0, "samples": 0, "tokens": 0, "train_time": 0.0}
 
-    ckpt = latest_checkpoint(args.out)
+    run_hash = settings_hash(run)
+    ckpt = latest_checkpoint(args.out, run_hash, say=print if master else lambda *a: None)
     if ckpt:
         if master:
             print(f"continuing the run in {args.out} from {ckpt}")
@@ -297,10 +236,16 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     ddp = DDP(model, find_unused_parameters=True) if distributed else model  # global projections idle without global tokens
     metrics, stop, done_here, saved_at = {}, False, 0, state["step"]
 
+    board = tensorboard_writer(args) if master else None
+
     def log(record):
         if master:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if board and "step" in record:
+                for k, v in record.items():
+                    if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                        board.add_scalar(k, v, record["step"])
 
     def evaluate():
         model.eval()
@@ -327,11 +272,16 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         else:
             rngs = [rng_state()]
         if master:
-            save_checkpoint(args.out, model, optimizer, scheduler, scaler, state, rngs)
+            payload = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict(), "state": state, "rng": rngs}
+            best = f"step-{state['step']}" if state.get("best_step") == state["step"] else None
+            save_checkpoint(args.out, payload, model, run_hash, args.keep_checkpoints, best)
         barrier()
 
     if state["step"] == 0:  # where the run starts, so that progress has a baseline
         metrics = evaluate()
+        if args.keep_best and args.keep_best not in metrics:
+            raise SystemExit(f"--keep-best {args.keep_best}: this task's evaluation gives {', '.join(metrics)}")
         if master:
             print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -410,6 +360,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                 if master:
                     bar.write(f"reached {args.target_metric} {metrics[args.target_metric]:.4f} >= {args.target}")
                 stop = True
+            if args.keep_best and is_better(args.keep_best, metrics[args.keep_best], state.get("best_value")):
+                state["best_value"], state["best_step"] = metrics[args.keep_best], state["step"]
             checkpoint()
             window_start = time.perf_counter()
         signalled = signals.received is not None
@@ -439,6 +391,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         print(f"done: {summary['steps']} steps, {summary['samples_per_s']:.2f} samples/s, "
               f"{summary['tokens_per_s']:,.0f} tokens/s; model in {args.out}")
     log({"summary": summary, **{f"final_{k}": v for k, v in metrics.items()}})
+    if board:
+        board.close()
     barrier()
     return metrics
 

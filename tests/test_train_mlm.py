@@ -1,4 +1,5 @@
 """train_mlm.py and the shared loop: data readers, masking, 2-process equivalence, exact resume, bad input."""
+import hashlib
 import json
 import math
 import os
@@ -151,6 +152,10 @@ def test_damaged_checkpoint_and_other_runs_are_refused(setup, tmp_path):
     with open(out / "checkpoints" / latest / "trainer_state.pt", "r+b") as f:
         f.truncate(100)
     done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
+    assert done.returncode != 0 and "trainer_state.pt is 100 bytes" in done.stdout
+    assert "no whole checkpoint in" in done.stderr
+    reseal(out / "checkpoints" / latest)  # sizes and checksums that match: the loader's own check speaks
+    done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--resume"), ok=False)
     assert done.returncode != 0 and "damaged or incomplete" in done.stderr
     done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6"), ok=False)
     assert done.returncode != 0 and "holds a run with other settings (eval_every: 2 -> 0)" in done.stderr
@@ -180,8 +185,117 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(setup, tmp_path):
     assert f"The last good checkpoint is kept: {kept}" in done.stderr and "lower --lr" in done.stderr
     model = longformer.LongformerForMaskedLM.from_pretrained(kept)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    from longformer.trainer import load_checkpoint
+    from longformer.run_files import load_checkpoint
     assert load_checkpoint(kept)[0]["state"]["bad_steps"] == 2
+
+
+def reseal(checkpoint):
+    """Rewrite a checkpoint's checkpoint.json to match its files as they are now."""
+    record = json.load(open(checkpoint / "checkpoint.json"))
+    for name in record["files"]:
+        data = open(checkpoint / name, "rb").read()
+        record["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(record))
+
+
+def test_keep_checkpoints_and_the_best(setup, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "1", "--keep-checkpoints", "1",
+                  "--keep-best", "loss", "--lr", "0.3"))  # a high lr: the best is not the last
+    losses = {e["step"]: e["eval_loss"] for e in evals(out) if e["step"] > 0}
+    best = min(losses, key=losses.get)
+    assert best < 6 and open(out / "checkpoints" / "best").read() == f"step-{best}"
+    assert sorted(os.listdir(out / "checkpoints")) == ["best", "latest", f"step-{best}", "step-6"]
+    done = run(train_cmd(setup, tmp_path / "x", "--max-steps", "1", "--keep-best", "f1"), ok=False)
+    assert "--keep-best f1: this task's evaluation gives loss, perplexity, accuracy" in done.stderr
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_an_older_whole_one_used(setup, tmp_path):
+    common = ("--batch-size", "2", "--max-steps", "8", "--eval-every", "2")
+    run(train_cmd(setup, tmp_path / "whole", *common))
+    out = tmp_path / "split"
+    run(train_cmd(setup, out, *common, "--stop-after", "6"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-4", "step-6"]
+    weights_file = out / "checkpoints" / "step-6" / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit flipped: the same size
+    weights_file.write_bytes(bytes(data))
+    done = run(train_cmd(setup, out, *common))
+    assert "step-6 is not usable (model.safetensors does not match its checksum): skipped" in done.stdout
+    assert f"from {out / 'checkpoints' / 'step-4'}" in done.stdout
+    whole, split = weights(tmp_path / "whole"), weights(out)
+    for k in whole:
+        torch.testing.assert_close(whole[k], split[k], atol=0, rtol=0)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path, monkeypatch):
+    """A full disk during a save: a clear error; the previous checkpoint is whole and still `latest`, and the
+    same command continues from it."""
+    sys.path.insert(0, ROOT)
+    import train_mlm
+    from longformer import run_files
+    saves = []
+
+    def disk_full_at_the_second(path, obj, save=run_files.atomic_torch_save):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        save(path, obj)
+    monkeypatch.setattr(run_files, "atomic_torch_save", disk_full_at_the_second)
+    out = tmp_path / "run"
+    argv = train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2")[2:]
+    with pytest.raises(SystemExit, match=r"could not write checkpoint step-4 in .*: No space left on device\. The "
+                                         r"previous checkpoint, .*step-2, is whole"):
+        train_mlm.main(argv)
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-2"]
+    assert run_files.checkpoint_problem(str(out / "checkpoints" / "step-2")) is None
+    monkeypatch.undo()
+    done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "6", "--eval-every", "2"))
+    assert "step-2" in done.stdout and os.path.isfile(out / "model.safetensors")
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_latest_partial(setup, tmp_path):
+    """Killed 20 times at random moments of a checkpoint write: `latest` always names a whole checkpoint, the
+    same command always continues, and the run ends bit-identical to one that was never killed."""
+    from longformer.run_files import checkpoint_problem, pointed_checkpoint
+    common = ("--batch-size", "2", "--max-steps", "30", "--eval-every", "1")
+    run(train_cmd(setup, tmp_path / "whole", *common))
+    out, folder, rng, mid_write = tmp_path / "killed", tmp_path / "killed" / "checkpoints", random.Random(), 0
+    def partial():
+        return {f for f in os.listdir(folder) if f.startswith(".step-")} if folder.is_dir() else set()
+
+    for _ in range(20):
+        left = partial()  # by the previous kill: the run removes it when it starts
+        proc = subprocess.Popen(train_cmd(setup, out, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while proc.poll() is None and left & partial():
+            time.sleep(0.0005)
+        while proc.poll() is None and not partial():
+            time.sleep(0.0005)  # until the write of a new checkpoint begins (its temporary folder)
+        time.sleep(rng.random() * 0.01)  # a write takes a few milliseconds here
+        proc.kill()
+        proc.wait()
+        mid_write += bool(partial())
+        latest = pointed_checkpoint(str(out))
+        assert latest is None or checkpoint_problem(latest) is None, latest
+    assert mid_write >= 3, f"only {mid_write} of 20 kills came during a write"
+    run(train_cmd(setup, out, *common))
+    whole, killed = weights(tmp_path / "whole"), weights(out)
+    for k in whole:
+        torch.testing.assert_close(whole[k], killed[k], atol=0, rtol=0)
+
+
+def test_report_to_tensorboard(setup, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "3", "--eval-every", "1", "--report-to",
+                  "tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "tokens_per_s", "eval_loss", "eval_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 1, 2, 3]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
 
 
 class RunsCode:
@@ -200,6 +314,7 @@ def test_trainer_state_that_would_run_code_is_refused(setup, tmp_path):
     latest = open(out / "checkpoints" / "latest").read().strip()
     marker = tmp_path / "code-ran"
     torch.save({"state": RunsCode(str(marker))}, out / "checkpoints" / latest / "trainer_state.pt")
+    reseal(out / "checkpoints" / latest)  # whoever can write the state can write its checksums too
     done = run(train_cmd(setup, out, "--batch-size", "2", "--max-steps", "4", "--resume"), ok=False)
     assert done.returncode != 0 and "objects other than tensors and plain containers" in done.stderr
     assert not marker.exists()
