@@ -10,7 +10,7 @@ setup(
     package_data={"longformer": ["recipes/*.json"]},
     python_requires=">=3.11",
     install_requires=["torch>=2.7", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
-    extras_require={"test": ["transformers>=4.44", "pytest", "matplotlib", "pyarrow", "tensorboard"], "plot": ["matplotlib"],
-                    "export": ["onnx", "onnxscript", "onnxruntime"], "parquet": ["pyarrow"],
+    extras_require={"test": ["transformers>=4.44", "pytest", "matplotlib", "pyarrow", "tensorboard"],
+                    "plot": ["matplotlib"], "export": ["onnx", "onnxscript", "onnxruntime"], "parquet": ["pyarrow"],
                     "tensorboard": ["tensorboard"]},
 )
