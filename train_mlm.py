@@ -114,6 +114,8 @@ def build(args):
         val_set = TokenBlocks(val_data, "train", args.seq_len, args.packing, val_manifest, args.max_val_blocks)
     else:
         val_set = TokenBlocks(data, "val", args.seq_len, args.packing, manifest, args.max_val_blocks)
+    if not args.val_data and manifest["val"]["documents"] == 0:
+        raise SystemExit(f"{data} holds no validation documents (prepared with --val-fraction 0): give --val-data")
     for name, n in (("training", len(train_set)), ("validation", len(val_set))):
         if n == 0:
             raise SystemExit(f"the {name} data gives no block of --seq-len {args.seq_len} tokens"

@@ -108,7 +108,8 @@ def main():
             tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
             row = {"step": "prepare_data", "corpus_gb": size, "workers": workers, "seconds": round(seconds, 1),
                    "peak_pss_mb": peak["pss"], "peak_anon_mb": peak["anon"], "tokens": tokens,
-                   "tokens_per_s": round(tokens / seconds), "mb_text_per_s": round(os.path.getsize(corpus) / 1e6 / seconds, 2)}
+                   "tokens_per_s": round(tokens / seconds),
+                   "mb_text_per_s": round(os.path.getsize(corpus) / 1e6 / seconds, 2)}
             print(row, flush=True)
             results["rows"].append(row)
         run_dir = os.path.join(args.dir, f"run-{size}gb")

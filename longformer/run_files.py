@@ -92,6 +92,8 @@ def checkpoint_problem(path: str, run_hash: str | None = None) -> str | None:
         with open(record_file) as f:
             record = json.load(f)
     except FileNotFoundError:
+        if all(os.path.isfile(os.path.join(path, f)) for f in ("trainer_state.pt", "model.safetensors")):
+            return None  # written before checkpoints recorded their checksums: nothing to check against
         return f"{record_file} is missing" if os.path.isdir(path) else f"{path} is missing"
     except (OSError, json.JSONDecodeError) as e:
         return f"{record_file} is unreadable ({e})"

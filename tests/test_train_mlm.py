@@ -285,6 +285,53 @@ def test_sigkill_during_checkpoint_writes_never_leaves_latest_partial(setup, tmp
         torch.testing.assert_close(whole[k], killed[k], atol=0, rtol=0)
 
 
+def child_pids(pid):
+    """The processes whose parent is pid (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_elastic_restart_after_a_worker_is_killed(setup, tmp_path):
+    """torchrun --max-restarts 1, one of 2 workers killed with SIGKILL at a random step: the run finishes by
+    itself (the restarted workers continue from the latest checkpoint), bit-identical to an uninterrupted run.
+    The output goes to files: a pipe nobody reads fills up and blocks the writer (torchrun's report of the
+    killed worker is long), which once looked like a hang of the restart."""
+    device = ("--device", "cpu") if DEVICE.type == "cuda" and torch.cuda.device_count() < 2 else ()
+    common = ("--batch-size", "2", "--max-steps", "12", "--eval-every", "2", *device)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    run(train_cmd(setup, tmp_path / "whole", *common, launcher=torchrun))
+    at = random.Random().randint(3, 9)
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        cmd = train_cmd(setup, tmp_path / "cut", *common, launcher=torchrun + ["--max-restarts", "1"])
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err)
+        metrics, killed = tmp_path / "cut" / "metrics.jsonl", None
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            if metrics.exists() and any(json.loads(l).get("step", 0) >= at and "loss" in l for l in open(metrics)):
+                workers = child_pids(proc.pid)
+                if len(workers) == 2:
+                    killed = workers[-1]
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.01)
+        proc.wait(timeout=240)
+    output, errors = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, (at, output[-1000:], errors[-3000:])
+    assert "continuing the run in" in output
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    for k in whole:
+        torch.testing.assert_close(whole[k], cut[k], atol=0, rtol=0, msg=f"worker killed after step {at}: {k}")
+
+
 def test_report_to_tensorboard(setup, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -434,6 +481,17 @@ def test_prepared_shards_train_without_a_tokenizer(setup, tmp_path):
                     "2", "--out", str(out), "--device", DEVICE.type])
         assert f"({packing} packing)" in done.stdout and os.path.isfile(out / "model.safetensors")
         assert "<mask> taken to be" not in done.stdout
+    # --val-data as text: all of it validates (tokenized into the cache with no split of its own)
+    done = run([sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(shards), "--val-data",
+                str(setup / "essays"), "--tokenizer", str(setup / "tok"), "--config", str(setup / "cfg"), "--seq-len",
+                "32", "--max-steps", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "val")])
+    assert "40 training documents" in done.stdout  # the essays' summary: none held out of --val-data
+    unsplit = tmp_path / "unsplit"
+    run([sys.executable, "-m", "longformer.prepare_data", str(setup / "essays"), str(unsplit), "--tokenizer",
+         str(setup / "tok"), "--val-fraction", "0"])
+    done = run([sys.executable, os.path.join(ROOT, "train_mlm.py"), "--data", str(unsplit), "--config",
+                str(setup / "cfg"), "--seq-len", "32", "--out", str(tmp_path / "none")], ok=False)
+    assert "holds no validation documents (prepared with --val-fraction 0): give --val-data" in done.stderr
     other = tmp_path / "tok2"
     other.mkdir()
     tok = ByteLevelBPETokenizer()

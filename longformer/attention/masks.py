@@ -11,8 +11,9 @@ class AttentionMasks:
 
     Global tokens are gathered into G slots per example. G is max_global when given (a static count, so
     torch.compile and export see one graph with no count read back; eager mode reads the counts to refuse an
-    example with more global tokens), else the most any example has: the one host sync that global attention needs, taken once per
-    forward rather than once per layer, and not at all when no global_attention_mask is given.
+    example with more global tokens), else the most any example has: the one host sync that global attention
+    needs, taken once per forward rather than once per layer, and not at all when no global_attention_mask
+    is given.
     """
 
     def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None,
