@@ -31,7 +31,7 @@ from longformer.files import atomic_write_text
 from longformer.tasks import DocumentTask, TokenTask, encode_documents, label_targets, read_unlabelled
 from longformer.tasks.spans import SpanTask, read_qa
 from longformer.tokenizer import copy_tokenizer_files
-from longformer.trainer import setup_distributed, to_device, train
+from longformer.trainer import leave, pick_device, to_device, train
 
 DEMO = dict(max_length=512, batch_size=16, lr=1e-3, adam_beta2=0.98, warmup=0.1, max_steps=300, eval_every=50,
             log_every=10)
@@ -189,7 +189,7 @@ def token_job(args, tokenizer):
 def predict(args, model, task, tokenizer, val_set=None):
     """Label --predict with the trained (or --init) model; writes a CSV (predictions.json for QA: --predict,
     or else the validation questions)."""
-    _, _, device = setup_distributed(args.device)
+    device = pick_device(args.device)
     model.to(device).eval()
     default = {TokenTask: "submission.csv", SpanTask: "predictions.json"}.get(type(task), "predictions.csv")
     path = args.predictions or os.path.join(args.out or ".", default)
@@ -273,3 +273,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    leave()

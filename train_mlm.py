@@ -23,7 +23,7 @@ from longformer.shards import PACKINGS, TokenBlocks, read_manifest
 from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.tasks import MLMTask
-from longformer.trainer import train
+from longformer.trainer import leave, train
 
 RECIPES = os.path.join(os.path.dirname(longformer.__file__), "recipes")
 # The embedded demo: a small Longformer (longformer/demo.py) whose window (64) is a quarter of its 256 tokens.
@@ -153,3 +153,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -307,7 +307,8 @@ def test_elastic_restart_after_a_worker_is_killed(setup, tmp_path):
     killed worker is long), which once looked like a hang of the restart."""
     device = ("--device", "cpu") if DEVICE.type == "cuda" and torch.cuda.device_count() < 2 else ()
     common = ("--batch-size", "2", "--max-steps", "12", "--eval-every", "2", *device)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:29541"]
     run(train_cmd(setup, tmp_path / "whole", *common, launcher=torchrun))
     at = random.Random().randint(3, 9)
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
