@@ -1,8 +1,8 @@
 """Training blocks cut on the fly from memory-mapped token shards (made by longformer.prepare_data).
 
-Resident memory does not grow with the corpus: the tokens stay on disk (numpy memmap) and each block is
-read when the loop asks for it. What is held is an index of 16 bytes per block (where each starts and
-ends): 1/512 of the tokens' size at 4,096-token blocks.
+Resident memory does not follow the corpus: the tokens stay on disk (numpy memmap) and each block is read
+when the loop asks for it. What is held is an index of 16 bytes per block (where each starts and ends):
+1/512 of the tokens' size at 4,096-token blocks.
 
 Packing, for blocks of L tokens:
 - "documents": whole documents, in order, fill each block; a document that does not fit in what is left
