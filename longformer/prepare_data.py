@@ -258,7 +258,6 @@ def _tokenize_shards(docs: Iterable[str], out: str, tokenizer, workers: int, dty
                 records.append(record)
                 continue
             batches = list(_groups(texts, BATCH_CHARS))
-            del texts
             results = pool.imap(_encode, batches) if pool else (_encode(b, tokenizer) for b in batches)
             lengths, ids = [], []
             for batch, (n, i) in zip(batches, results):
@@ -267,7 +266,6 @@ def _tokenize_shards(docs: Iterable[str], out: str, tokenizer, workers: int, dty
                 tokens += len(i)
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tokens/s", refresh=False)
-            del batches
             try:
                 records.append(_write_shard(out, name, np.concatenate(lengths), np.concatenate(ids), val_fraction,
                                             seed, index, dtype, settings_hash))
