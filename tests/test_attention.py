@@ -181,3 +181,21 @@ def test_attention_dropout_drops_at_the_configured_rate():
     assert not torch.allclose(a, b)
     (a.sum()).backward()  # the dropout kernel's backward runs
     assert model.layers[0].attn.query.weight.grad is not None
+
+
+def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group(monkeypatch):
+    """Blocks go through the CPU dropout kernel in cache-sized groups (here 4 of 2 blocks each): over 10^6
+    scores the kept fraction is within 0.5% of 1 - p; each group draws its own decisions; a seed repeats them."""
+    from longformer.kernels import banded
+    monkeypatch.setattr(banded, "DROPOUT_CHUNK_BYTES", 2 * 4 * 32 * 1024 * 4)  # two blocks' scores
+    N, H, w, S, p = 8, 4, 32, 1024, 0.1
+    q = torch.zeros(N, H, w, 8)  # every score equal: each output is the mean of kept / (1 - p) over the S keys
+    k, v = torch.randn(N, H, S, 8), torch.ones(N, H, S, 8)
+    mask = torch.zeros(N, 1, w, S)
+    torch.manual_seed(0)
+    out = banded.dropout_attention(q, k, v, mask, p)[..., 0]  # [N, H, w]
+    kept = float(out.mean()) * (1 - p)
+    assert abs(kept - (1 - p)) < 0.005 * (1 - p), kept
+    assert all(not torch.equal(out[0], out[b]) for b in range(1, N))  # no group repeats another's draws
+    torch.manual_seed(0)
+    assert torch.equal(banded.dropout_attention(q, k, v, mask, p)[..., 0], out)

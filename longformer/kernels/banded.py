@@ -136,12 +136,29 @@ class DropoutAttention(torch.autograd.Function):
                 grad_v, None, None, None)
 
 
+# Query blocks per call of the CPU dropout kernel: its [blocks, H, w, S] scores and probabilities stay in
+# cache up to about this size. Measured on a 2-core EPYC with 32 MB of L3, forward + backward: one block of
+# longformer-base (9 MB) at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the
+# time rises steeply past ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
+DROPOUT_CHUNK_BYTES = 16 << 20
+
+
+def dropout_attention(q, k, v, mask, dropout_p: float):
+    """DropoutAttention over the query blocks in cache-sized groups. q [N, H, w, D]; k, v [N, H, S, D]."""
+    per_block = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+    n = max(1, DROPOUT_CHUNK_BYTES // per_block)
+    outs = []
+    for qs, ks, vs, ms in zip(q.split(n), k.split(n), v.split(n), mask.split(n)):
+        keep = torch.rand(*qs.shape[:-1], ks.shape[-2], device=q.device) >= dropout_p  # [n, H, w, S]
+        outs.append(DropoutAttention.apply(qs, ks, vs, ms, keep, dropout_p))
+    return torch.cat(outs)
+
+
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
     (from sdpa.choose_backends), or, with None, explicit with an fp32 softmax."""
     if sdpa_backends is not None and dropout_p and q.device.type == "cpu":
-        keep = torch.rand(*q.shape[:-1], k.shape[-2], device=q.device) >= dropout_p  # [N, H, w, S]
-        return DropoutAttention.apply(q, k, v, mask, keep, dropout_p)
+        return dropout_attention(q, k, v, mask, dropout_p)
     if sdpa_backends is not None:
         with sdpa_kernel(list(sdpa_backends), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
