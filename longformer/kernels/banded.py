@@ -119,8 +119,8 @@ class DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def _factor(keep, dtype):
-        # 1.0 / 0.0 in the probabilities' dtype, through a uint8 view: converting bool directly, or multiplying
-        # by it, is an unvectorized cast here, 6-8x slower than this conversion and a multiply.
+        # 1.0 where kept and 0.0 where dropped, in the probabilities' dtype, through a uint8 view: converting
+        # bool directly, or multiplying by it, is an unvectorized cast here, 6-8x slower than this and a multiply.
         return keep.view(torch.uint8).to(dtype)
 
     @staticmethod
