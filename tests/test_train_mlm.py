@@ -121,6 +121,21 @@ def test_resume_reaches_the_same_parameters_and_metrics(setup, tmp_path):
     assert os.path.isfile(tmp_path / "split" / "vocab.json")
 
 
+def test_resume_with_dropout_draws_the_same_masks(setup, tmp_path):
+    """Attention and hidden dropout 0.1: a run stopped and continued ends bit-identical to one that was not,
+    so the continued run draws the dropout decisions the uninterrupted one drew."""
+    config = longformer.LongformerConfig.from_pretrained(str(setup / "cfg"))
+    config.attention_probs_dropout_prob = config.hidden_dropout_prob = 0.1
+    config.save_pretrained(str(tmp_path / "cfg"))
+    common = ("--batch-size", "2", "--max-steps", "6", "--eval-every", "3", "--config", str(tmp_path / "cfg"))
+    run(train_cmd(setup, tmp_path / "whole", *common))
+    run(train_cmd(setup, tmp_path / "split", *common, "--stop-after", "3"))
+    run(train_cmd(setup, tmp_path / "split", *common))
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    for k in whole:
+        torch.testing.assert_close(whole[k], split[k], atol=0, rtol=0)
+
+
 def test_sigterm_at_a_random_step_then_the_same_command(setup, tmp_path):
     """SIGTERM: the step finishes, a checkpoint is written, exit 143; the same command ends bit-identical to an
     uninterrupted run."""
