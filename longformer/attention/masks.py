@@ -37,6 +37,10 @@ class AttentionMasks:
         self.global_idx = keep.new_zeros(B, G + 1, dtype=torch.long).scatter(1, slot, position)[:, :G]  # [B, G]
         self.global_valid = torch.arange(G, device=keep.device) < counts[:, None]  # [B, G]
         self.global_segments = None if segments is None else self.gather_global(segments)  # [B, G]
+        # The keys global queries see: every real token [B, L], or with segments the real tokens of each
+        # global token's own document [B, G, L].
+        self.global_keys = keep if segments is None else (
+            keep[:, None, :] & (segments[:, None, :] == self.global_segments[:, :, None]))
         self._window_masks = {}
 
     def window_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -46,13 +50,6 @@ class AttentionMasks:
                 self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None,
                 self.segments, self.global_segments if self.num_global else None)
         return self._window_masks[w, dtype]
-
-    def global_keys(self) -> torch.Tensor:
-        """The keys global queries see: [B, L] bool (every real token), or [B, G, L] with segments (the real
-        tokens of each global token's own document)."""
-        if self.segments is None:
-            return self.keep
-        return self.keep[:, None, :] & (self.segments[:, None, :] == self.global_segments[:, :, None])
 
     def gather_global(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, *rest] -> [B, G, *rest]: the global tokens' rows (invalid slots hold row 0)."""

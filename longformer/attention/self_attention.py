@@ -43,7 +43,6 @@ class LongformerSelfAttention(nn.Module):
         out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
         if masks.num_global:
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
-            out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.global_keys(),
-                                           dropout_p)
+            out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.global_keys, dropout_p)
             out = masks.scatter_global(out, out_g)
         return (out * masks.keep[:, :, None, None]).reshape(B, L, C)
