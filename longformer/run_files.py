@@ -59,7 +59,6 @@ def start_out(out: str, run: dict):
     atomic_write_text(os.path.join(out, "run.json"), json.dumps(run, indent=2) + "\n")
 
 
-
 def settings_hash(run: dict) -> str:
     """What a checkpoint must have been trained with: the settings that change the training."""
     kept = {k: v for k, v in run.items() if k not in RESUME_MAY_CHANGE}
@@ -136,10 +135,9 @@ def latest_checkpoint(out: str, run_hash: str | None = None, say=print) -> str |
     return None
 
 
-def save_checkpoint(out: str, payload: dict, model, run_hash: str, keep: int, best: str | None = None):
+def save_checkpoint(out: str, payload: dict, model, run_hash: str, keep: int, is_best: bool = False):
     """checkpoints/step-N/: the model (HF format), payload as trainer_state.pt, checkpoint.json last; then the
-    `latest` pointer (and `best`, when best names this checkpoint), then the oldest beyond `keep` are removed
-    (never the best). A failed write (full disk, no permission) is a clear error, and what was there stays."""
+    `latest` pointer (and `best`, when is_best), then the oldest beyond `keep` are removed (never the best). A failed write (full disk, no permission) is a clear error, and what was there stays."""
     step = payload["state"]["step"]
     name, root = f"step-{step}", os.path.join(out, "checkpoints")
     tmp, final = os.path.join(root, f".{name}.tmp"), os.path.join(root, name)
@@ -154,7 +152,7 @@ def save_checkpoint(out: str, payload: dict, model, run_hash: str, keep: int, be
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(os.path.join(root, "latest"), name)
-        if best == name:
+        if is_best:
             atomic_write_text(os.path.join(root, "best"), name)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -92,19 +92,12 @@ def setup_distributed(device: str = "auto"):
     return rank, world, dev
 
 
-def end_distributed():
-    """Every rank here, then the process group taken down in order (left to the interpreter's exit, gloo's
-    threads can abort the process, turning a finished run's exit status into a failure)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def leave():
     """End a script whose work is done and written, with status 0. Under torchrun the interpreter's own
-    teardown aborts (std::terminate in a C++ static destructor, after the process group is destroyed) in about
-    one exit in ten on this machine with torch 2.13, at the commit before ours as well; torchrun then reports
-    a failed worker. Nothing is left to tear down, so under torchrun the process ends here."""
+    teardown aborts (std::terminate in a C++ static destructor) in about one exit in ten on this machine with
+    torch 2.13, at the commit before ours as well, and destroying the process group first did not prevent it;
+    torchrun then reports a failed worker. Nothing is left to tear down, so under torchrun the process ends
+    here."""
     if dist.is_torchelastic_launched():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -231,7 +224,6 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     if what == "finished":
         if master:
             print(f"the run in {args.out} is finished (its final model is there): nothing to do")
-        end_distributed()
         return {}
     if what == "new" and master:
         start_out(args.out, run)
@@ -311,8 +303,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
         if master:
             payload = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "scaler": scaler.state_dict(), "state": state, "rng": rngs}
-            best = f"step-{state['step']}" if state.get("best_step") == state["step"] else None
-            save_checkpoint(args.out, payload, model, run_hash, args.keep_checkpoints, best)
+            save_checkpoint(args.out, payload, model, run_hash, args.keep_checkpoints,
+                            is_best=state.get("best_step") == state["step"])
         barrier()
 
     if state["step"] == 0:  # where the run starts, so that progress has a baseline
@@ -417,7 +409,6 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                 raise SystemExit(128 + signum)  # non-zero, so that a scheduler requeues the job
             if master:
                 print(f"stopped after {done_here} steps; the same command (or --resume) continues the run")
-            end_distributed()
             return metrics
     bar.close()
     signals.restore()
@@ -431,7 +422,7 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     log({"summary": summary, **{f"final_{k}": v for k, v in metrics.items()}})
     if board:
         board.close()
-    end_distributed()
+    barrier()
     return metrics
 
 
