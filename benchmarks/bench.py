@@ -85,17 +85,20 @@ def build(impl, L, mode, config, device):
                 else longformer.LongformerModel(cfg, add_pooling_layer=False))
 
 
-def measure(impl, L, batch, dtype, mode, repeats, device, config):
-    """One configuration: {"times": [...], "peak_bytes": ...}."""
-    torch.manual_seed(0)
-    set_tf32(dtype == "tf32")
-    model = build(impl, L, mode, config, device).train(mode == "train")
-    ids = torch.randint(3, config["vocab_size"] - 1, (batch, L), device=device)
+def make_inputs(L, batch, vocab_size, device):
+    """input_ids, global_attention_mask (the first token) and MLM labels (15% of the tokens) for one step."""
+    ids = torch.randint(3, vocab_size - 1, (batch, L), device=device)
     gm = torch.zeros_like(ids)
     gm[:, 0] = 1
     labels = torch.full_like(ids, -100)
     picked = torch.rand(ids.shape, device=device) < 0.15
     labels[picked] = ids[picked]
+    return ids, gm, labels
+
+
+def make_step(model, impl, mode, inputs, dtype, device):
+    """A function running one forward (no gradients) or one training step (forward + backward), synchronized."""
+    ids, gm, labels = inputs
     autocast = torch.autocast(device, dtype=DTYPES[dtype], enabled=dtype in ("bf16", "fp16"))
 
     def step():
@@ -109,7 +112,15 @@ def measure(impl, L, batch, dtype, mode, repeats, device, config):
             loss.backward()
             model.zero_grad(set_to_none=True)
         sync(device)
+    return step
 
+
+def measure(impl, L, batch, dtype, mode, repeats, device, config):
+    """One configuration: {"times": [...], "peak_bytes": ...}."""
+    torch.manual_seed(0)
+    set_tf32(dtype == "tf32")
+    model = build(impl, L, mode, config, device).train(mode == "train")
+    step = make_step(model, impl, mode, make_inputs(L, batch, config["vocab_size"], device), dtype, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []

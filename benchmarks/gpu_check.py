@@ -73,6 +73,8 @@ def check_env(args):
 
 def check_tests(args):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    if args.test_workers:  # pytest-xdist; a file's tests stay on one worker (its fixed torchrun ports)
+        cmd += ["-n", str(args.test_workers), "--dist", "loadfile"]
     rc, secs, tail = run_logged(cmd, os.path.join(args.out, "tests.txt"), args.tests_timeout,
                                 env={"LONGFORMER_TEST_DEVICE": args.device})
     status = "passed" if rc == 0 else f"FAILED (exit {rc})"
@@ -154,6 +156,7 @@ def main():
     p.add_argument("--repeats", type=int, help="timed runs per row, after a warm-up (default 3; 1 with --quick)")
     p.add_argument("--tests-timeout", type=int, default=300)
     p.add_argument("--train-timeout", type=int, default=120)
+    p.add_argument("--test-workers", type=int, default=0, help="run the tests in N processes (needs pytest-xdist)")
     args = p.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
