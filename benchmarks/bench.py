@@ -78,11 +78,17 @@ def build(impl, L, mode, config, device):
             cfg = transformers.LongformerConfig(**config, max_position_embeddings=L + 2)
             return (transformers.LongformerForMaskedLM(cfg) if mode == "train"
                     else transformers.LongformerModel(cfg, add_pooling_layer=False))
-        import longformer  # "ours", or "ours+ckpt": with gradient checkpointing
+        import longformer  # "ours"; "ours+ckpt": with gradient checkpointing; "ours+compile": torch.compile
+        # max_global_tokens: global slots fixed at compile time, so that the count is never read back
         cfg = longformer.LongformerConfig(**config, max_position_embeddings=L + 2,
-                                          gradient_checkpointing=impl == "ours+ckpt")
-        return (longformer.LongformerForMaskedLM(cfg) if mode == "train"
-                else longformer.LongformerModel(cfg, add_pooling_layer=False))
+                                          gradient_checkpointing=impl == "ours+ckpt",
+                                          max_global_tokens=1 if impl == "ours+compile" else None)
+        model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
+                 else longformer.LongformerModel(cfg, add_pooling_layer=False))
+        if impl == "ours+compile":
+            torch._dynamo.reset()  # a fresh compile for each configuration: no recompilation for dynamic shapes
+            model.compile()
+        return model
 
 
 def make_inputs(L, batch, vocab_size, device):
@@ -130,7 +136,7 @@ def measure(impl, L, batch, dtype, mode, repeats, device, config):
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"times": times[1:], "peak_bytes": peak}
+    return {"times": times[1:], "first_s": times[0], "peak_bytes": peak}  # the first step compiles
 
 
 def worker(spec):
@@ -234,7 +240,9 @@ def main():
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
-                   help="ours+ckpt (gradient checkpointing) runs for training steps only")
+                   choices=["hf", "ours", "ours+ckpt", "ours+compile"],
+                   help="ours+ckpt (gradient checkpointing) runs for training steps only; ours+compile is "
+                        "torch.compile'd (its first step, left out of the median, compiles)")
     p.add_argument("--hf-max-train-length", type=int, default=None,
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
     p.add_argument("--flagperf", action="store_true", help="add FlagPerf's setting: batch 16 x 1024 tokens, fp32")
@@ -258,7 +266,7 @@ def main():
         print("(pip install matplotlib for a plot of these results)")
 
 
-TABLE_HEADER = (f"{'mode':8} {'dtype':5} {'batch x L':>10} {'variant':>9} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | "
+TABLE_HEADER = (f"{'mode':8} {'dtype':5} {'batch x L':>10} {'variant':>12} | {'HF s':>7} {'ours s':>7} {'speed-up':>8} | "
                 f"{'HF GB':>6} {'ours GB':>7} {'mem':>5} | {'ours tok/s':>10} {'HF MFU':>6} {'our MFU':>7}")
 
 
@@ -269,7 +277,7 @@ def table_line(row, name):
     gb = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     ratio = f"{hf['median_s'] / ours['median_s']:.2f}x" if "median_s" in hf and "median_s" in ours else "-"
     mem = f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if "peak_bytes" in hf and "peak_bytes" in ours else "-"
-    return (f"{row['mode']:8} {row['dtype']:5} {f'{batch}x{L}':>10} {name:>9} | {fmt(hf, 'median_s', '{:.2f}'.format):>7} "
+    return (f"{row['mode']:8} {row['dtype']:5} {f'{batch}x{L}':>10} {name:>12} | {fmt(hf, 'median_s', '{:.2f}'.format):>7} "
             f"{fmt(ours, 'median_s', '{:.2f}'.format):>7} {ratio:>8} | {fmt(hf, 'peak_bytes', gb):>6} "
             f"{fmt(ours, 'peak_bytes', gb):>7} {mem:>5} | {fmt(ours, 'median_s', lambda s: f'{batch * L / s:.0f}'):>10} "
             f"{fmt(hf, 'mfu', '{:.0%}'.format):>6} {fmt(ours, 'mfu', '{:.0%}'.format):>7}"
@@ -289,7 +297,8 @@ def plot(*results_json: str) -> str:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
-            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green")):
+            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green"),
+                                ("ours+compile", "tab:purple")):
                 pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
                               and "median_s" in r.get(impl, {})), key=lambda p: p[0])
                 if not pts:

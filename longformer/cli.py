@@ -44,6 +44,9 @@ def add_training_arguments(parser: argparse.ArgumentParser):
         if f.name == "out":
             continue
         value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            g.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+            continue
         kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
                        choices={"precision": list(PRECISIONS), "device": list(DEVICES),

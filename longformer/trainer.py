@@ -56,6 +56,7 @@ class TrainArgs:
     keep_checkpoints: int = 2  # the newest checkpoints kept (at least 1)
     keep_best: str = ""  # also keep the best checkpoint by this evaluation metric (loss, accuracy, f1, ...)
     report_to: str = "none"  # none, or tensorboard (OUT/tensorboard; pip install tensorboard)
+    compile: bool = False  # torch.compile the model (its first steps take a minute or two to compile)
 
 
 # -- distributed set-up -------------------------------------------------------------------------
@@ -162,7 +163,9 @@ def make_optimizer(model, args: TrainArgs):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": args.weight_decay},
               {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    # fused: one kernel for all parameters on a GPU instead of several per parameter tensor
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                             fused=params[0].is_cuda)
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -232,6 +235,8 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
     barrier()
     torch.manual_seed(args.seed + rank)
     model.to(device)
+    if args.compile:
+        model.compile()  # in place: the state dict's names stay the model's own
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
