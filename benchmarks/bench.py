@@ -189,6 +189,9 @@ def environment(device, dtypes):
     if device == "cuda":
         meta.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), driver=driver_version())
+    from longformer.kernels.sdpa import BACKEND_NAMES, choose_backends
+    name = {backend: n for n, backend in BACKEND_NAMES.items()}
+    meta["sdpa_backends"] = ",".join(name[b] for b in choose_backends(device))
     meta["matmul_tflops"] = {d: matmul_speed(device, d) / 1e12 for d in dtypes}
     set_tf32(False)
     return meta

@@ -5,7 +5,8 @@
 
 Steps, each written to --out as soon as it ends (so that a run cut short keeps what it did):
   env    environment.json: GPU, driver, torch, CUDA, cuDNN, transformers, the SDPA backends in use
-  tests  tests.txt: the test suite with LONGFORMER_TEST_DEVICE set to --device
+  tests  tests.txt: the test suite with LONGFORMER_TEST_DEVICE set to --device, one pytest per test file
+         (--test-workers at a time, --tests-timeout each), so that a file that hangs or fails is named
   train  train.txt: `python -m torch.distributed.run --nproc_per_node 1 train_mlm.py` (the demo) in bf16, on
          NCCL (gloo on CPU), stopped after 3 steps and resumed to 6
   bench  bench.json (+ bench.png): HF against ours, forward and training step at 1k/4k/16k tokens, fp32 with
@@ -20,7 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -72,14 +75,36 @@ def check_env(args):
 
 
 def check_tests(args):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
-    if args.test_workers:  # pytest-xdist; a file's tests stay on one worker (its fixed torchrun ports)
-        cmd += ["-n", str(args.test_workers), "--dist", "loadfile"]
-    rc, secs, tail = run_logged(cmd, os.path.join(args.out, "tests.txt"), args.tests_timeout,
-                                env={"LONGFORMER_TEST_DEVICE": args.device})
-    status = "passed" if rc == 0 else f"FAILED (exit {rc})"
-    return "tests", f"`LONGFORMER_TEST_DEVICE={args.device} python -m pytest tests`: {status} in {secs:.0f} s\n\n" \
-                    f"```\n{tail[-1] if tail else ''}\n```"
+    """One pytest process per test file, --test-workers at a time, each with its own time limit: a file that
+    hangs or fails is named, and what the others found is kept (tests.txt gains each file's log as it ends)."""
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py"))
+    log_path = os.path.join(args.out, "tests.txt")
+    open(log_path, "w").close()
+    lock = threading.Lock()
+
+    def run_file(name):
+        part = os.path.join(args.out, f".{name}.txt")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-W", "ignore",
+               os.path.join("tests", name)]
+        rc, secs, tail = run_logged(cmd, part, args.tests_timeout, env={"LONGFORMER_TEST_DEVICE": args.device})
+        with open(part) as f:
+            text = f.read()
+        os.remove(part)
+        failed = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        status = ("passed" if rc == 0 else f"FAILED (exit {rc})") + f", {secs:.0f} s: {tail[-1] if tail else ''}"
+        with lock:
+            with open(log_path, "a") as f:
+                f.write(f"==== {name}: {status}\n{text}\n")
+        return name, rc, status, failed
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max(1, args.test_workers)) as pool:  # each file's fixed torchrun ports are its own
+        results = list(pool.map(run_file, files))
+    ok = all(rc == 0 for _, rc, _, _ in results)
+    lines = [f"- {name}: {status}" + "".join(f"\n  - {x}" for x in failed) for name, _, status, failed in results]
+    return "tests", f"`LONGFORMER_TEST_DEVICE={args.device} python -m pytest tests/FILE`, {len(files)} files, " \
+                    f"{args.test_workers} at a time: {'all passed' if ok else 'FAILURES'} in " \
+                    f"{time.perf_counter() - t:.0f} s\n\n" + "\n".join(lines)
 
 
 def check_train(args):
@@ -154,9 +179,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small model and few rows: the path, not the numbers")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--repeats", type=int, help="timed runs per row, after a warm-up (default 3; 1 with --quick)")
-    p.add_argument("--tests-timeout", type=int, default=300)
+    p.add_argument("--tests-timeout", type=int, default=300, help="seconds for each test file")
     p.add_argument("--train-timeout", type=int, default=120)
-    p.add_argument("--test-workers", type=int, default=0, help="run the tests in N processes (needs pytest-xdist)")
+    p.add_argument("--test-workers", type=int, default=4, help="test files run at a time")
     args = p.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
