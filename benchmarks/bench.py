@@ -78,10 +78,10 @@ def build(impl, L, mode, config, device):
             cfg = transformers.LongformerConfig(**config, max_position_embeddings=L + 2)
             return (transformers.LongformerForMaskedLM(cfg) if mode == "train"
                     else transformers.LongformerModel(cfg, add_pooling_layer=False))
-        import longformer  # "ours"; "ours+ckpt": with gradient checkpointing; "ours+compile": torch.compile
+        import longformer  # "ours"; "ours+ckpt" / "ours+sel": full / selective checkpointing; "ours+compile"
+        checkpointing = {"ours+ckpt": True, "ours+sel": "selective"}.get(impl, False)
         # max_global_tokens: global slots fixed at compile time, so that the count is never read back
-        cfg = longformer.LongformerConfig(**config, max_position_embeddings=L + 2,
-                                          gradient_checkpointing=impl == "ours+ckpt",
+        cfg = longformer.LongformerConfig(**config, max_position_embeddings=L + 2, gradient_checkpointing=checkpointing,
                                           max_global_tokens=1 if impl == "ours+compile" else None)
         model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
                  else longformer.LongformerModel(cfg, add_pooling_layer=False))
@@ -206,7 +206,7 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
     jobs = {}  # impl -> the configurations it runs
     for L, batch, dtype, mode in configs:
         for impl in impls:
-            skip = (impl == "ours+ckpt" and mode != "train") or \
+            skip = (impl in ("ours+ckpt", "ours+sel") and mode != "train") or \
                 (impl == "hf" and mode == "train" and hf_max_train and L > hf_max_train)
             if not skip:
                 jobs.setdefault(impl, []).append((L, batch, dtype, mode))
@@ -243,7 +243,7 @@ def main():
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
-                   choices=["hf", "ours", "ours+ckpt", "ours+compile"],
+                   choices=["hf", "ours", "ours+ckpt", "ours+sel", "ours+compile"],
                    help="ours+ckpt (gradient checkpointing) runs for training steps only; ours+compile is "
                         "torch.compile'd (its first step, left out of the median, compiles)")
     p.add_argument("--hf-max-train-length", type=int, default=None,

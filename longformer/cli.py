@@ -21,6 +21,13 @@ def number(kind, low=None, strict=False):
     return parse
 
 
+def checkpointing_mode(text):
+    """--gradient-checkpointing's value: 'selective' (with no value: every layer, whole)."""
+    if text != "selective":
+        raise argparse.ArgumentTypeError(f"{text!r}: give no value (whole layers recomputed) or 'selective'")
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, init_help: str):
     """--init, --tokenizer and --cache-dir; returns the group, for a script's own model options."""
     g = parser.add_argument_group("model")
@@ -38,7 +45,9 @@ def add_training_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=False, type=checkpointing_mode,
+                   metavar="selective", help="recompute every layer's activations in the backward pass; "
+                   "'selective': keep the linear layers' outputs and recompute the rest (less memory, ~5%% slower)")
     defaults = TrainArgs(out="")
     for f in dataclasses.fields(TrainArgs):
         if f.name == "out":

@@ -41,7 +41,7 @@ class LongformerConfig:
     # with global tokens too (eager mode still reads the counts, to check them), and exported models need it.
     attention_backend: str = "auto"
     sdpa_backends: str | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # True, or "selective": keep the linear outputs, recompute the rest
     max_global_tokens: int | None = None
     # Fields of config.json that this library does not use, kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
@@ -78,6 +78,8 @@ class LongformerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             fail(f"unknown attention_backend {self.attention_backend!r}; "
                  f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.gradient_checkpointing not in (False, True, "selective"):
+            fail(f"gradient_checkpointing must be False, True or 'selective', got {self.gradient_checkpointing!r}")
         if self.max_global_tokens is not None and (not isinstance(self.max_global_tokens, int)
                                                    or isinstance(self.max_global_tokens, bool)
                                                    or self.max_global_tokens < 0):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
@@ -199,14 +199,25 @@ class LongformerModel(LongformerPreTrainedModel):
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, masks, use_reentrant=False)
+            mode = self.config.gradient_checkpointing
+            if mode and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, masks, use_reentrant=False,
+                               **({"context_fn": _keep_matmul_outputs} if mode == "selective" else {}))
             else:
                 x = layer(x, masks)
             if output_hidden_states:
                 hidden_states.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return LongformerBaseModelOutput(x, pooled, tuple(hidden_states) if output_hidden_states else None)
+
+
+def _keep_matmul_outputs():
+    """Selective checkpointing: the linear layers' outputs are kept, everything else in a layer (attention,
+    LayerNorm, GELU, dropout, the key windows) is recomputed in the backward pass."""
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    policy = lambda ctx, op, *args, **kwargs: (  # noqa: E731
+        CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE)
+    return create_selective_checkpoint_contexts(policy)
 
 
 class LongformerForMaskedLM(LongformerPreTrainedModel):

@@ -107,9 +107,10 @@ class DropoutAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v, for where no fused kernel takes dropout (CPU).
 
     torch's unfused fallback would keep every block's scores, probabilities and dropout mask for the
-    backward pass. This keeps q, k, v and the mask of kept probabilities (bool), and recomputes the
-    probabilities in backward: near a fused kernel's memory, with one draw of random numbers. Scales are
-    applied to the small tensors (q, v, gradients) rather than to the [N, H, w, S] ones.
+    backward pass. This keeps q, k, v and the seed of its dropout decisions, and recomputes the probabilities
+    and the decisions in backward: a fused kernel's memory (a bool mask kept instead would be as large as
+    the windows of k and v together, [N, H, w, S]). Scales are applied to the small tensors (q, v,
+    gradients) rather than to the [N, H, w, S] ones.
     """
 
     @staticmethod
@@ -124,17 +125,23 @@ class DropoutAttention(torch.autograd.Function):
         return keep.view(torch.uint8).to(dtype)
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, keep, dropout_p: float):
-        ctx.save_for_backward(q, k, v, mask, keep)
-        ctx.scale = 1.0 / (1.0 - dropout_p)
+    def _keep(q, k, seed, dropout_p):
+        generator = torch.Generator(q.device).manual_seed(seed)
+        return keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)  # [N, H, w, S]
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, seed: int, dropout_p: float):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.seed, ctx.dropout_p, ctx.scale = seed, dropout_p, 1.0 / (1.0 - dropout_p)
         probs = DropoutAttention._probs(q, k, mask)
+        keep = DropoutAttention._keep(q, k, seed, dropout_p)
         return torch.matmul(probs.mul_(DropoutAttention._factor(keep, probs.dtype)), v * ctx.scale)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, keep = ctx.saved_tensors
+        q, k, v, mask = ctx.saved_tensors
         probs = DropoutAttention._probs(q, k, mask)
-        factor = DropoutAttention._factor(keep, probs.dtype)
+        factor = DropoutAttention._factor(DropoutAttention._keep(q, k, ctx.seed, ctx.dropout_p), probs.dtype)
         grad_out = grad_out * ctx.scale
         grad_v = torch.matmul((probs * factor).transpose(-1, -2), grad_out)
         grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).mul_(factor)
@@ -151,11 +158,12 @@ class DropoutAttention(torch.autograd.Function):
 DROPOUT_CHUNK_BYTES = 16 << 20
 
 
-def keep_mask(shape: tuple, p: float, device) -> torch.Tensor:
+def keep_mask(shape: tuple, p: float, generator: torch.Generator) -> torch.Tensor:
     """Bool decisions, True with probability 1 - p (exact to 1/65536): four 16-bit decisions from each 64-bit
     random draw, 2.8x faster here than one float per decision, which was a third of the dropout kernel's time."""
     n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=generator.device)
+    bits.random_(-2**63, 2**63 - 1, generator=generator)
     # Each int16 is uniform over [-32768, 32767]: at least round(p * 65536) - 32768 with probability 1 - p.
     return (bits.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
@@ -166,8 +174,10 @@ def dropout_attention(q, k, v, mask, dropout_p: float):
     n = max(1, DROPOUT_CHUNK_BYTES // per_block)
     outs = []
     for qs, ks, vs, ms in zip(q.split(n), k.split(n), v.split(n), mask.split(n)):
-        keep = keep_mask((*qs.shape[:-1], ks.shape[-2]), dropout_p, q.device)  # [n, H, w, S]
-        outs.append(DropoutAttention.apply(qs, ks, vs, ms, keep, dropout_p))
+        # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and
+        # ranks (seeded apart by the trainer) behave as with any torch dropout.
+        seed = int(torch.randint(2**62, (), dtype=torch.int64))
+        outs.append(DropoutAttention.apply(qs, ks, vs, ms, seed, dropout_p))
     return torch.cat(outs)
 
 
