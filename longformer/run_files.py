@@ -21,7 +21,7 @@ import torch
 from .files import atomic_torch_save, atomic_write_text
 
 RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir", "device", "keep_checkpoints",
-                     "report_to")
+                     "report_to", "compile")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
