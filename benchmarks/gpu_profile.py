@@ -1,4 +1,4 @@
-"""Where our GPU training step spends its time, and what the choices left open cost, in one call (about 5 minutes on an H100):
+"""Where our GPU training step spends its time, and what the choices left open cost (about 5 minutes on an H100):
 
     PYTHONPATH=. python benchmarks/gpu_profile.py --out gpu-profile/
 
