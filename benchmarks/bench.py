@@ -257,14 +257,15 @@ def main():
     if args.worker:
         return worker(json.loads(args.worker))
     if args.plot:
-        return print(f"wrote {plot(*args.plot)}")
+        return print(f"wrote {plot(*args.plot) or 'nothing: no rows of batch 1'}")
     configs = [(L, b, d, m) for m in args.modes for d in args.dtypes for b in args.batches for L in args.lengths]
     if args.flagperf:
         configs.append((1024, 16, "tf32" if args.device == "cuda" else "fp32", "train"))
     hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else None)
     run_benchmark(args.device, configs, args.impls, args.repeats, args.out, hf_max_train=hf_max_train)
     try:
-        print(f"wrote {plot(args.out)}")
+        drawn = plot(args.out)
+        print(f"wrote {drawn}" if drawn else "(no rows of batch 1: no plot)")
     except ImportError:
         print("(pip install matplotlib for a plot of these results)")
 
@@ -287,8 +288,9 @@ def table_line(row, name):
             + (f"   HF: {hf['error']}" if "error" in hf else "") + (f"   ours: {ours['error']}" if "error" in ours else ""))
 
 
-def plot(*results_json: str) -> str:
-    """Time per token and peak memory against length, HF and ours, per mode and dtype."""
+def plot(*results_json: str) -> str | None:
+    """Time per token and peak memory against length, HF and ours, per mode and dtype (rows of batch 1); the
+    PNG's path, or None where there are no such rows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,6 +299,8 @@ def plot(*results_json: str) -> str:
         with open(path) as f:
             data = json.load(f)
         rows += [r for r in data["rows"] if r["batch"] == 1]
+    if not rows:
+        return None
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
