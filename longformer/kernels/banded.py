@@ -142,7 +142,7 @@ class DropoutAttention(torch.autograd.Function):
         q, k, v, mask = ctx.saved_tensors
         probs = DropoutAttention._probs(q, k, mask)
         factor = DropoutAttention._factor(DropoutAttention._keep(q, k, ctx.seed, ctx.dropout_p), probs.dtype)
-        grad_out = grad_out * ctx.scale
+        grad_out = (grad_out * ctx.scale).contiguous()  # a transposed view, like the inputs were
         grad_v = torch.matmul((probs * factor).transpose(-1, -2), grad_out)
         grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).mul_(factor)
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
@@ -174,6 +174,9 @@ def dropout_attention(q, k, v, mask, dropout_p: float):
     n = max(1, DROPOUT_CHUNK_BYTES // per_block)
     outs = []
     for qs, ks, vs, ms in zip(q.split(n), k.split(n), v.split(n), mask.split(n)):
+        # Head-major copies of the group, made once: q and the windows arrive as transposed views, which
+        # every matmul in forward and backward would otherwise copy again (eight window-sized copies).
+        qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
         # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and
         # ranks (seeded apart by the trainer) behave as with any torch dropout.
         seed = int(torch.randint(2**62, (), dtype=torch.int64))
