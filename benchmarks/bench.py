@@ -91,6 +91,18 @@ def build(impl, L, mode, config, device):
         return model
 
 
+def median_time(fn, repeats, warmups=1):
+    """Median seconds of fn() over repeats calls, after warmups calls (fn synchronizes a GPU itself)."""
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def make_inputs(L, batch, vocab_size, device):
     """input_ids, global_attention_mask (the first token) and MLM labels (15% of the tokens) for one step."""
     ids = torch.randint(3, vocab_size - 1, (batch, L), device=device)

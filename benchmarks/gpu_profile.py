@@ -25,16 +25,8 @@ import bench  # noqa: E402
 DEVICE = "cuda"
 
 
-def timed(step, repeats=5):
-    """Median seconds of step() after two warm-ups."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed(step):
+    return bench.median_time(step, repeats=5, warmups=2)
 
 
 def profile_step(args, impl):
