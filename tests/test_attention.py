@@ -143,16 +143,16 @@ def test_backend_can_be_switched_on_a_built_model(monkeypatch):
     assert called
 
 
-def test_dropout_attention_gradients_and_no_dropout_equals_sdpa():
+def test_grouped_attention_gradients_and_no_dropout_equals_sdpa():
     """The CPU dropout kernel: exact gradients (gradcheck, float64) and, keeping everything, plain attention."""
-    from longformer.kernels.banded import DropoutAttention
+    from longformer.kernels.banded import GroupedAttention
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # 4 queries
     k, v = (torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 6 keys
     mask = torch.where(torch.rand(2, 1, 4, 6, generator=g) < 0.3, -1e9, 0.0).double()
     # The decisions are drawn again from the seed in backward: gradcheck fails unless they are the same.
-    assert torch.autograd.gradcheck(lambda a, b, c: DropoutAttention.apply(a, b, c, mask, 1234, 0.25), (q, k, v))
-    torch.testing.assert_close(DropoutAttention.apply(q, k, v, mask, 1234, 0.0),
+    assert torch.autograd.gradcheck(lambda a, b, c: GroupedAttention.apply(a, b, c, mask, 1234, 0.25), (q, k, v))
+    torch.testing.assert_close(GroupedAttention.apply(q, k, v, mask, 1234, 0.0),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
@@ -171,15 +171,15 @@ def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_gr
     """Blocks go through the CPU dropout kernel in cache-sized groups (here 4 of 2 blocks each): over 10^6
     scores the kept fraction is within 0.5% of 1 - p; each group draws its own decisions; a seed repeats them."""
     from longformer.kernels import banded
-    monkeypatch.setattr(banded, "DROPOUT_CHUNK_BYTES", 2 * 4 * 32 * 1024 * 4)  # two blocks' scores
+    monkeypatch.setattr(banded, "GROUP_BYTES", 2 * 4 * 32 * 1024 * 4)  # two blocks' scores
     N, H, w, S, p = 8, 4, 32, 1024, 0.1
     q = torch.zeros(N, H, w, 8)  # every score equal: each output is the mean of kept / (1 - p) over the S keys
     k, v = torch.randn(N, H, S, 8), torch.ones(N, H, S, 8)
     mask = torch.zeros(N, 1, w, S)
     torch.manual_seed(0)
-    out = banded.dropout_attention(q, k, v, mask, p)[..., 0]  # [N, H, w]
+    out = banded.grouped_attention(q, k, v, mask, p)[..., 0]  # [N, H, w]
     kept = float(out.mean()) * (1 - p)
     assert abs(kept - (1 - p)) < 0.005 * (1 - p), kept
     assert all(not torch.equal(out[0], out[b]) for b in range(1, N))  # no group repeats another's draws
     torch.manual_seed(0)
-    assert torch.equal(banded.dropout_attention(q, k, v, mask, p)[..., 0], out)
+    assert torch.equal(banded.grouped_attention(q, k, v, mask, p)[..., 0], out)

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend
 import longformer
 from device import DEVICE, on_device
 from longformer.attention import AttentionMasks
-from longformer.kernels import choose_backends
+from longformer.kernels import banded, choose_backends
 
 real_sdpa = F.scaled_dot_product_attention
 
@@ -81,14 +81,16 @@ def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monke
 @pytest.mark.parametrize("windows,n_global", [([2, 6], 1), ([2, 6], 3), ([10], 0), ([14, 4], 2)])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, windows, n_global, autocast):
-    """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8."""
+    """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8. Seen where
+    the band's kernel is chosen (SDPA on CUDA; on CPU bf16 runs the grouped explicit kernel instead)."""
     calls = []
+    real_attend = banded.attend
 
-    def spy(q, k, v, attn_mask=None, **kw):
-        calls.append((q.dtype, k.shape, attn_mask))
-        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    def spy(q, k, v, mask, *args):
+        calls.append((q.dtype, k.shape, mask))
+        return real_attend(q, k, v, mask, *args)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(banded, "attend", spy)
     model = longformer.LongformerForMaskedLM(tiny(windows)).to(DEVICE)
     ids, am, gm = mixed_batch([23, 17], 23, (n_global, n_global))
     with torch.autocast(DEVICE.type, dtype=autocast or torch.float32, enabled=autocast is not None):

@@ -103,8 +103,9 @@ def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: tor
     return mask.view(B * nc, 1, w, S)
 
 
-class DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v, for where no fused kernel takes dropout (CPU).
+class GroupedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v on CPU, where the fused kernel takes no dropout,
+    and in bf16/fp16, where it is slower (65 against 49 ms a layer of longformer-base at 4,096 tokens).
 
     torch's unfused fallback would keep every block's scores, probabilities and dropout mask for the
     backward pass. This keeps q, k, v and the seed of its dropout decisions, and recomputes the probabilities
@@ -121,43 +122,45 @@ class DropoutAttention(torch.autograd.Function):
         return torch.softmax(scores, dim=-1)
 
     @staticmethod
-    def _factor(keep, dtype):
-        # 1.0 where kept and 0.0 where dropped, in the probabilities' dtype, through a uint8 view: converting
-        # bool directly, or multiplying by it, is an unvectorized cast here, 6-8x slower than this and a multiply.
-        return keep.view(torch.uint8).to(dtype)
-
-    @staticmethod
-    def _keep(q, k, seed, dropout_p):
+    def _kept(q, k, seed, dropout_p):
+        """1.0 where a probability is kept, 0.0 where dropped ([N, H, w, S], q's dtype); None without dropout."""
+        if not dropout_p:
+            return None
         generator = torch.Generator(q.device).manual_seed(seed)
-        return keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)  # [N, H, w, S]
+        keep = keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)
+        # Through a uint8 view: converting bool directly, or multiplying by it, is an unvectorized cast here,
+        # 6-8x slower than this and a multiply.
+        return keep.view(torch.uint8).to(q.dtype)
 
     @staticmethod
     def forward(ctx, q, k, v, mask, seed: int, dropout_p: float):
         ctx.save_for_backward(q, k, v, mask)
         ctx.seed, ctx.dropout_p, ctx.scale = seed, dropout_p, 1.0 / (1.0 - dropout_p)
-        probs = DropoutAttention._probs(q, k, mask)
-        keep = DropoutAttention._keep(q, k, seed, dropout_p)
-        return torch.matmul(probs.mul_(DropoutAttention._factor(keep, probs.dtype)), v * ctx.scale)
+        probs = GroupedAttention._probs(q, k, mask)
+        kept = GroupedAttention._kept(q, k, seed, dropout_p)
+        return torch.matmul(probs if kept is None else probs.mul_(kept), v * ctx.scale)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, mask = ctx.saved_tensors
-        probs = DropoutAttention._probs(q, k, mask)
-        factor = DropoutAttention._factor(DropoutAttention._keep(q, k, ctx.seed, ctx.dropout_p), probs.dtype)
+        probs = GroupedAttention._probs(q, k, mask)
+        kept = GroupedAttention._kept(q, k, ctx.seed, ctx.dropout_p)
         grad_out = (grad_out * ctx.scale).contiguous()  # a transposed view, like the inputs were
-        grad_v = torch.matmul((probs * factor).transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).mul_(factor)
+        grad_v = torch.matmul((probs if kept is None else probs * kept).transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+        if kept is not None:
+            grad_probs.mul_(kept)
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
         return (torch.matmul(grad_scores, k) * sm_scale, torch.matmul(grad_scores.transpose(-1, -2), q) * sm_scale,
                 grad_v, None, None, None)
 
 
-# Query blocks per call of the CPU dropout kernel: its [blocks, H, w, S] scores and probabilities stay in
+# Query blocks per call of GroupedAttention: its [blocks, H, w, S] scores and probabilities stay in
 # cache up to about this size. Measured on a 2-core EPYC with 32 MB of L3, forward + backward: one block of
 # longformer-base (9 MB) at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the
 # time rises steeply past ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
-DROPOUT_CHUNK_BYTES = 16 << 20
+GROUP_BYTES = 16 << 20
 
 
 def keep_mask(shape: tuple, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -170,10 +173,10 @@ def keep_mask(shape: tuple, p: float, generator: torch.Generator) -> torch.Tenso
     return (bits.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
-def dropout_attention(q, k, v, mask, dropout_p: float):
-    """DropoutAttention over the query blocks in cache-sized groups. q [N, H, w, D]; k, v [N, H, S, D]."""
+def grouped_attention(q, k, v, mask, dropout_p: float):
+    """GroupedAttention over the query blocks in cache-sized groups. q [N, H, w, D]; k, v [N, H, S, D]."""
     per_block = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    n = max(1, DROPOUT_CHUNK_BYTES // per_block)
+    n = max(1, GROUP_BYTES // per_block)
     outs = []
     for qs, ks, vs, ms in zip(q.split(n), k.split(n), v.split(n), mask.split(n)):
         # Head-major copies of the group, made once: q and the windows arrive as transposed views, which
@@ -181,16 +184,16 @@ def dropout_attention(q, k, v, mask, dropout_p: float):
         qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
         # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and
         # ranks (seeded apart by the trainer) behave as with any torch dropout.
-        seed = int(torch.randint(2**62, (), dtype=torch.int64))
-        outs.append(DropoutAttention.apply(qs, ks, vs, ms, seed, dropout_p))
+        seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p else 0
+        outs.append(GroupedAttention.apply(qs, ks, vs, ms, seed, dropout_p))
     return torch.cat(outs)
 
 
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
     (from sdpa.choose_backends), or, with None, explicit with an fp32 softmax."""
-    if sdpa_backends is not None and dropout_p and q.device.type == "cpu":
-        return dropout_attention(q, k, v, mask, dropout_p)
+    if sdpa_backends is not None and q.device.type == "cpu" and (dropout_p or q.dtype != torch.float32):
+        return grouped_attention(q, k, v, mask, dropout_p)
     if sdpa_backends is not None:
         with sdpa_kernel(list(sdpa_backends), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
