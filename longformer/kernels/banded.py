@@ -191,7 +191,8 @@ def grouped_attention(q, k, v, mask, dropout_p: float):
 
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
-    (from sdpa.choose_backends), or, with None, explicit with an fp32 softmax."""
+    (from sdpa.choose_backends), except on CPU with dropout or in half precision (grouped_attention);
+    with None, explicit with an fp32 softmax."""
     if sdpa_backends is not None and q.device.type == "cpu" and (dropout_p or q.dtype != torch.float32):
         return grouped_attention(q, k, v, mask, dropout_p)
     if sdpa_backends is not None:
