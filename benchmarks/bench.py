@@ -256,7 +256,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
                    choices=["hf", "ours", "ours+ckpt", "ours+sel", "ours+compile"],
-                   help="ours+ckpt (gradient checkpointing) runs for training steps only; ours+compile is "
+                   help="ours+ckpt / ours+sel (full / selective gradient checkpointing) run for training steps only; "
+                        "ours+compile is "
                         "torch.compile'd (its first step, left out of the median, compiles)")
     p.add_argument("--hf-max-train-length", type=int, default=None,
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
@@ -317,7 +318,7 @@ def plot(*results_json: str) -> str | None:
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
             for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green"),
-                                ("ours+compile", "tab:purple")):
+                                ("ours+sel", "tab:orange"), ("ours+compile", "tab:purple")):
                 pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
                               and "median_s" in r.get(impl, {})), key=lambda p: p[0])
                 if not pts:
