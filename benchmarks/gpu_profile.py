@@ -59,7 +59,7 @@ def check_profile(args):
 
 
 def check_backends(args):
-    rows = []
+    rows, before = [], os.environ.get("LONGFORMER_SDPA_BACKENDS")
     for order in ("efficient,math", "cudnn,efficient,math"):
         os.environ["LONGFORMER_SDPA_BACKENDS"] = order
         for L, batch, mode in ((args.length, args.batch, "train"), (args.length, 1, "forward"), (16384, 1, "forward")):
@@ -71,6 +71,8 @@ def check_backends(args):
                 rows.append({"order": order, "mode": mode, "batch": batch, "length": L, "error": repr(e)[:300]})
             torch.cuda.empty_cache()
     os.environ.pop("LONGFORMER_SDPA_BACKENDS")
+    if before is not None:
+        os.environ["LONGFORMER_SDPA_BACKENDS"] = before
     with open(os.path.join(args.out, "backends.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return "\n".join(f"{r['order']:22} {r['mode']:8} {r['batch']}x{r['length']}: "
