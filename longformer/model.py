@@ -198,11 +198,11 @@ class LongformerModel(LongformerPreTrainedModel):
 
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         hidden_states = [x] if output_hidden_states else None
+        mode = self.config.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
+        recompute = {"context_fn": _keep_matmul_outputs} if mode == "selective" else {}
         for layer in self.layers:
-            mode = self.config.gradient_checkpointing
-            if mode and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, masks, use_reentrant=False,
-                               **({"context_fn": _keep_matmul_outputs} if mode == "selective" else {}))
+            if mode:
+                x = checkpoint(layer, x, masks, use_reentrant=False, **recompute)
             else:
                 x = layer(x, masks)
             if output_hidden_states:

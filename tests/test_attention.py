@@ -144,7 +144,7 @@ def test_backend_can_be_switched_on_a_built_model(monkeypatch):
 
 
 def test_grouped_attention_gradients_and_no_dropout_equals_sdpa():
-    """The CPU dropout kernel: exact gradients (gradcheck, float64) and, keeping everything, plain attention."""
+    """The CPU grouped kernel: exact gradients with dropout (gradcheck, float64) and, without, plain attention."""
     from longformer.kernels.banded import GroupedAttention
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # 4 queries
