@@ -1,6 +1,7 @@
 """The banded kernels equal the dense reference, for windows HF cannot run too."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 import longformer
 from device import DEVICE, on_device
@@ -143,17 +144,40 @@ def test_backend_can_be_switched_on_a_built_model(monkeypatch):
     assert called
 
 
-def test_grouped_attention_gradients_and_no_dropout_equals_sdpa():
-    """The CPU grouped kernel: exact gradients with dropout (gradcheck, float64) and, without, plain attention."""
-    from longformer.kernels.banded import GroupedAttention
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # 4 queries
-    k, v = (torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 6 keys
-    mask = torch.where(torch.rand(2, 1, 4, 6, generator=g) < 0.3, -1e9, 0.0).double()
-    # The decisions are drawn again from the seed in backward: gradcheck fails unless they are the same.
-    assert torch.autograd.gradcheck(lambda a, b, c: GroupedAttention.apply(a, b, c, mask, 1234, 0.25), (q, k, v))
-    torch.testing.assert_close(GroupedAttention.apply(q, k, v, mask, 1234, 0.0),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+def grouped_inputs(B=2, L=11, H=2, D=3, G=2, w=3, dtype=torch.float64, seed=0):
+    """q, k, v [B, L, H, D], global keys and values [B, G, H, D] and the window mask of a padded batch."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, L, H, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    kg, vg = (torch.randn(B, G, H, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    keep = torch.arange(L)[None] < torch.tensor([L, L - 4])[:, None]  # the second example padded
+    is_global = torch.zeros(B, L, dtype=torch.bool)
+    is_global[:, 2] = is_global[0, 5] = True
+    mask = window_mask(keep, keep & ~is_global, w, dtype, torch.tensor([[True, True], [True, False]]))
+    return (q, k, v, kg, vg), mask
+
+
+@pytest.mark.parametrize("group_blocks", [1, 3, 100])
+def test_grouped_attention_gradients_and_no_dropout_equals_sdpa(monkeypatch, group_blocks):
+    """The CPU grouped kernel, in groups of 1, 3 or all query blocks (windows overlapping across groups): exact
+    gradients with dropout (gradcheck, float64) and, without dropout, the SDPA path's outputs and gradients."""
+    from longformer.kernels import banded
+    inputs, mask = grouped_inputs()
+    w, S = 3, mask.shape[-1]
+    monkeypatch.setattr(banded, "GROUP_BYTES", group_blocks * 2 * w * S * 8)  # H = 2, float64
+
+    def with_dropout(*x):  # the same seeds at every call: gradcheck's finite differences need the same draws
+        torch.manual_seed(0)
+        return banded.GroupedAttention.apply(*x, mask, w, 0.25)
+
+    # The decisions are drawn again from the seeds in backward: gradcheck fails unless they are the same.
+    assert torch.autograd.gradcheck(with_dropout, inputs)
+    grouped = banded.GroupedAttention.apply(*inputs, mask, w, 0.0)[:, :11]
+    weights = torch.randn(grouped.shape, dtype=grouped.dtype)
+    expected = banded.sliding_window_attention(*inputs[:3], w, mask, *inputs[3:], sdpa_backends=(SDPBackend.MATH,))
+    torch.testing.assert_close(grouped, expected)
+    grads = torch.autograd.grad((grouped * weights).sum(), inputs)
+    for mine, ref in zip(grads, torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(mine, ref)
 
 
 def test_attention_dropout_drops_at_the_configured_rate():
@@ -168,18 +192,21 @@ def test_attention_dropout_drops_at_the_configured_rate():
 
 
 def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group(monkeypatch):
-    """Blocks go through the CPU dropout kernel in cache-sized groups (here 4 of 2 blocks each): over 10^6
-    scores the kept fraction is within 0.5% of 1 - p; each group draws its own decisions; a seed repeats them."""
+    """Blocks go through the CPU grouped kernel in cache-sized groups (here of 2 blocks): over 10^6 scores the
+    kept fraction is within 0.5% of 1 - p; each group draws its own decisions; a seed repeats them."""
     from longformer.kernels import banded
-    monkeypatch.setattr(banded, "GROUP_BYTES", 2 * 4 * 32 * 1024 * 4)  # two blocks' scores
-    N, H, w, S, p = 8, 4, 32, 1024, 0.1
-    q = torch.zeros(N, H, w, 8)  # every score equal: each output is the mean of kept / (1 - p) over the S keys
-    k, v = torch.randn(N, H, S, 8), torch.ones(N, H, S, 8)
-    mask = torch.zeros(N, 1, w, S)
+    H, w, p = 4, 32, 0.1
+    S = num_keys(w)  # 96: all of them real keys for the blocks away from both ends
+    monkeypatch.setattr(banded, "GROUP_BYTES", 2 * H * w * S * 4)  # two blocks' scores
+    L = 84 * w  # 82 inner blocks x 4 heads x 32 queries x 96 keys: 10^6 scores
+    q = torch.zeros(1, L, H, 8)  # every score equal: each output is the mean of kept / (1 - p) over the S keys
+    k, v = torch.randn(1, L, H, 8), torch.ones(1, L, H, 8)
+    mask = torch.zeros(L // w, 1, w, S)
     torch.manual_seed(0)
-    out = banded.grouped_attention(q, k, v, mask, p)[..., 0]  # [N, H, w]
+    out = banded.GroupedAttention.apply(q, k, v, None, None, mask, w, p)[0, w:-w, :, 0]  # [inner queries, H]
     kept = float(out.mean()) * (1 - p)
     assert abs(kept - (1 - p)) < 0.005 * (1 - p), kept
-    assert all(not torch.equal(out[0], out[b]) for b in range(1, N))  # no group repeats another's draws
+    blocks = out.unflatten(0, (-1, w))
+    assert all(not torch.equal(blocks[0], blocks[c]) for c in range(1, len(blocks)))  # no group repeats another
     torch.manual_seed(0)
-    assert torch.equal(banded.grouped_attention(q, k, v, mask, p)[..., 0], out)
+    assert torch.equal(banded.GroupedAttention.apply(q, k, v, None, None, mask, w, p)[0, w:-w, :, 0], out)

@@ -84,20 +84,25 @@ def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, windows, n_global, au
     """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8. Seen where
     the band's kernel is chosen (SDPA on CUDA; on CPU bf16 runs the grouped explicit kernel instead)."""
     calls = []
-    real_attend = banded.attend
+    real_attend, real_grouped = banded.attend, banded.GroupedAttention.apply
 
     def spy(q, k, v, mask, *args):
-        calls.append((q.dtype, k.shape, mask))
+        calls.append((q.dtype, k.shape[-2], mask))
         return real_attend(q, k, v, mask, *args)
 
+    def spy_grouped(q, k, v, k_global, v_global, mask, w, *args):  # it builds windows of num_keys(w, G) keys
+        calls.append((q.dtype, banded.num_keys(w, 0 if k_global is None else k_global.shape[1]), mask))
+        return real_grouped(q, k, v, k_global, v_global, mask, w, *args)
+
     monkeypatch.setattr(banded, "attend", spy)
+    monkeypatch.setattr(banded.GroupedAttention, "apply", spy_grouped)
     model = longformer.LongformerForMaskedLM(tiny(windows)).to(DEVICE)
     ids, am, gm = mixed_batch([23, 17], 23, (n_global, n_global))
     with torch.autocast(DEVICE.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         model(ids, attention_mask=am, global_attention_mask=gm).logits.float().sum().backward()
     assert len(calls) == len(windows)
-    for q_dtype, k_shape, mask in calls:
-        assert mask.shape[-1] % 8 == 0 and mask.shape[-1] == k_shape[-2]
+    for q_dtype, num_keys, mask in calls:
+        assert mask.shape[-1] % 8 == 0 and mask.shape[-1] == num_keys
         assert mask.stride(-1) == 1 and all(s % 8 == 0 for s in mask.stride()[:-1]), mask.stride()
         assert mask.dtype == q_dtype == (autocast or torch.float32)
         assert not mask.requires_grad

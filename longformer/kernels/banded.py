@@ -104,62 +104,148 @@ def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: tor
 
 
 class GroupedAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v on CPU, where the fused kernel takes no dropout,
-    and in bf16/fp16, where it is slower (65 against 49 ms a layer of longformer-base at 4,096 tokens).
+    """Band attention on CPU, query blocks taken in cache-sized groups, with dropout softmax(q k^T / sqrt(D)
+    + mask) * keep / (1 - p) @ v: where the fused kernel takes no dropout, and in bf16/fp16, where it is
+    slower (65 against 49 ms a layer of longformer-base at 4,096 tokens).
 
-    torch's unfused fallback would keep every block's scores, probabilities and dropout mask for the
-    backward pass. This keeps q, k, v and the seed of its dropout decisions, and recomputes the probabilities
-    and the decisions in backward: a fused kernel's memory (a bool mask kept instead would be as large as
-    the windows of k and v together, [N, H, w, S]). Scales are applied to the small tensors (q, v,
-    gradients) rather than to the [N, H, w, S] ones.
+    It keeps only q, k and v (head-major, one copy each) and its dropout seeds. Each group's key windows,
+    probabilities and dropout decisions are built again in backward: the windows are 3x the size of k
+    and v (and a dropout mask as large as both together), which a fused kernel would keep or torch's unfused
+    fallback would keep with every block's scores. Scales are applied to the small tensors (q, v, gradients)
+    rather than to the [H, n, w, S] ones.
     """
 
     @staticmethod
-    def _probs(q, k, mask):
-        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2)).add_(mask)
-        # In q's dtype: CPU's bf16 softmax sums in fp32 itself, and rounds as an fp32 softmax cast back would
-        # (one ulp apart in 1 of 80,000 probabilities), 7x faster than that fp32 pass and its cast.
-        return torch.softmax(scores, dim=-1)
-
-    @staticmethod
-    def _kept(q, k, seed, dropout_p):
-        """1.0 where a probability is kept, 0.0 where dropped ([N, H, w, S], q's dtype); None without dropout."""
-        if not dropout_p:
-            return None
-        generator = torch.Generator(q.device).manual_seed(seed)
-        keep = keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)
-        # Through a uint8 view: converting bool directly, or multiplying by it, is an unvectorized cast here,
-        # 6-8x slower than this and a multiply.
-        return keep.view(torch.uint8).to(q.dtype)
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, seed: int, dropout_p: float):
-        ctx.save_for_backward(q, k, v, mask)
-        ctx.seed, ctx.dropout_p, ctx.scale = seed, dropout_p, 1.0 / (1.0 - dropout_p)
-        probs = GroupedAttention._probs(q, k, mask)
-        kept = GroupedAttention._kept(q, k, seed, dropout_p)
-        return torch.matmul(probs if kept is None else probs.mul_(kept), v * ctx.scale)
+    def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float):
+        """q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D] or None; mask [B * nc, 1, w, S].
+        Returns [B, nc * w, H, D] (the tail of the last block is cut by the caller)."""
+        B, L, H, D = q.shape
+        nc = num_blocks(L, w)
+        qh = _head_major(q, w, 0)  # [B, H, nc * w, D]
+        kh, vh = _head_major(k, w, 1), _head_major(v, w, 1)  # [B, H, (nc + 2) * w, D]: a zero block each side
+        kgh, vgh = _head_major(k_global), _head_major(v_global)  # [B, H, G, D] or None
+        groups = _groups(B, nc, H * w * mask.shape[-1] * q.element_size())
+        # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and ranks
+        # (seeded apart by the trainer) behave as with any torch dropout.
+        seeds = [int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p else 0 for _ in groups]
+        out = q.new_empty(B, nc * w, H, D)
+        scale = 1.0 / (1.0 - dropout_p)
+        for (b, c0, c1), seed in zip(groups, seeds):
+            qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
+            probs, kept = _probs(qg, kg, mg), _kept(qg, kg, seed, dropout_p)
+            og = torch.matmul(probs if kept is None else probs.mul_(kept), vg.mul_(scale) if dropout_p else vg)
+            _blocks(out, w, b, c0, c1).copy_(og)
+        ctx.save_for_backward(qh, kh, vh, kgh, vgh, mask)
+        ctx.w, ctx.nc, ctx.groups, ctx.seeds, ctx.dropout_p, ctx.scale = w, nc, groups, seeds, dropout_p, scale
+        ctx.q_shape = q.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask = ctx.saved_tensors
-        probs = GroupedAttention._probs(q, k, mask)
-        kept = GroupedAttention._kept(q, k, ctx.seed, ctx.dropout_p)
-        grad_out = (grad_out * ctx.scale).contiguous()  # a transposed view, like the inputs were
-        grad_v = torch.matmul((probs if kept is None else probs * kept).transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
-        if kept is not None:
-            grad_probs.mul_(kept)
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        sm_scale = 1.0 / math.sqrt(q.shape[-1])
-        return (torch.matmul(grad_scores, k) * sm_scale, torch.matmul(grad_scores.transpose(-1, -2), q) * sm_scale,
-                grad_v, None, None, None)
+        qh, kh, vh, kgh, vgh, mask = ctx.saved_tensors
+        w, nc = ctx.w, ctx.nc
+        grad_q, grad_k, grad_v = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+        grad_kg = None if kgh is None else torch.zeros_like(kgh)
+        grad_vg = None if vgh is None else torch.zeros_like(vgh)
+        sm_scale = 1.0 / math.sqrt(qh.shape[-1])
+        for (b, c0, c1), seed in zip(ctx.groups, ctx.seeds):
+            qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
+            probs, kept = _probs(qg, kg, mg), _kept(qg, kg, seed, ctx.dropout_p)
+            go = _blocks(grad_out, w, b, c0, c1).contiguous()  # [H, n, w, D]
+            if ctx.dropout_p:
+                go.mul_(ctx.scale)
+            gv = torch.matmul((probs if kept is None else probs * kept).transpose(-1, -2), go)  # [H, n, S, D]
+            grad_probs = torch.matmul(go, vg.transpose(-1, -2))
+            if kept is not None:
+                grad_probs.mul_(kept)
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_q[b, :, c0 * w:c1 * w].view_as(qg).copy_(torch.matmul(grad_scores, kg).mul_(sm_scale))
+            gk = torch.matmul(grad_scores.transpose(-1, -2), qg).mul_(sm_scale)  # [H, n, S, D]
+            _fold_windows(grad_k, grad_kg, gk, w, b, c0, c1)
+            _fold_windows(grad_v, grad_vg, gv, w, b, c0, c1)
+        B, L, H, D = ctx.q_shape
+        unpad = lambda g, first: g.narrow(2, first, L).transpose(1, 2)  # noqa: E731  [B, H, *, D] -> [B, L, H, D]
+        return (unpad(grad_q, 0), unpad(grad_k, w), unpad(grad_v, w),
+                None if grad_kg is None else grad_kg.transpose(1, 2), None if grad_vg is None else grad_vg.transpose(1, 2),
+                None, None, None)
 
 
-# Query blocks per call of GroupedAttention: its [blocks, H, w, S] scores and probabilities stay in
-# cache up to about this size. Measured on a 2-core EPYC with 32 MB of L3, forward + backward: one block of
-# longformer-base (9 MB) at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the
-# time rises steeply past ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
+def _head_major(x, w: int | None = None, pad: int = 0):
+    """x [B, L, H, D] -> [B, H, (pad + nc + pad) * w, D] contiguous, with `pad` zero blocks either side and
+    zeros up to whole blocks; without w, x [B, G, H, D] -> [B, H, G, D]. None stays None."""
+    if x is None:
+        return None
+    if w is not None:
+        x = _pad_blocks(x, w, pad, pad)
+    return contiguous(x.transpose(1, 2))
+
+
+def _groups(B: int, nc: int, block_bytes: int) -> list[tuple[int, int, int]]:
+    """(example, first block, end block) for groups of query blocks whose scores take about GROUP_BYTES."""
+    n = max(1, GROUP_BYTES // block_bytes)
+    return [(b, c0, min(c0 + n, nc)) for b in range(B) for c0 in range(0, nc, n)]
+
+
+def _blocks(x, w: int, b: int, c0: int, c1: int):
+    """x [B, nc * w, H, D] -> the view [H, n, w, D] of example b's blocks c0 .. c1 - 1."""
+    return x[b, c0 * w:c1 * w].unflatten(0, (c1 - c0, w)).permute(2, 0, 1, 3)
+
+
+def _group(qh, kh, vh, kgh, vgh, mask, w: int, nc: int, b: int, c0: int, c1: int):
+    """One group's q [H, n, w, D], key and value windows [H, n, S, D], and mask [1, n, w, S]."""
+    S, n = mask.shape[-1], c1 - c0
+    qg = qh[b, :, c0 * w:c1 * w].unflatten(1, (n, w)).contiguous()
+    kg, vg = (_windows(x[b], None if g is None else g[b], w, c0, c1, S) for x, g in ((kh, kgh), (vh, vgh)))
+    return qg, kg, vg, mask[b * nc + c0:b * nc + c1].transpose(0, 1)
+
+
+def _windows(xh, xg, w: int, c0: int, c1: int, S: int):
+    """xh [H, (nc + 2) * w, D] (a zero block either side), xg [H, G, D] or None -> [H, n, S, D]: for blocks
+    c0 .. c1 - 1, blocks c - 1, c, c + 1, the global keys, zeros up to S."""
+    n, H, D = c1 - c0, xh.shape[0], xh.shape[-1]
+    xb = xh[:, c0 * w:(c1 + 2) * w].unflatten(1, (n + 2, w))  # [H, n + 2, w, D]
+    parts = [xb[:, :-2], xb[:, 1:-1], xb[:, 2:]]
+    if xg is not None:
+        parts.append(xg[:, None].expand(H, n, *xg.shape[1:]))
+    slack = S - 3 * w - (0 if xg is None else xg.shape[1])
+    if slack:
+        parts.append(xh.new_zeros(H, n, slack, D))
+    return torch.cat(parts, dim=2)
+
+
+def _fold_windows(grad, grad_global, g, w: int, b: int, c0: int, c1: int):
+    """Adds the windows' gradient g [H, n, S, D] back to the keys it came from: grad [B, H, (nc + 2) * w, D]
+    (padded as _windows reads it) and grad_global [B, H, G, D]."""
+    n = c1 - c0
+    xb = grad[b, :, c0 * w:(c1 + 2) * w].unflatten(1, (n + 2, w))  # [H, n + 2, w, D]
+    for i in range(3):  # block c - 1 + i of each window; consecutive windows overlap, hence one add at a time
+        xb[:, i:i + n] += g[:, :, i * w:(i + 1) * w]
+    if grad_global is not None:
+        grad_global[b] += g[:, :, 3 * w:3 * w + grad_global.shape[2]].sum(1)
+
+
+def _probs(q, k, mask):
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2)).add_(mask)
+    # In q's dtype: CPU's bf16 softmax sums in fp32 itself, and rounds as an fp32 softmax cast back would
+    # (one ulp apart in 1 of 80,000 probabilities), 7x faster than that fp32 pass and its cast.
+    return torch.softmax(scores, dim=-1)
+
+
+def _kept(q, k, seed: int, dropout_p: float):
+    """1.0 where a probability is kept, 0.0 where dropped ([H, n, w, S], q's dtype); None without dropout."""
+    if not dropout_p:
+        return None
+    generator = torch.Generator(q.device).manual_seed(seed)
+    keep = keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)
+    # Through a uint8 view: converting bool directly, or multiplying by it, is an unvectorized cast here,
+    # 6-8x slower than this and a multiply.
+    return keep.view(torch.uint8).to(q.dtype)
+
+
+# Query blocks per group: the group's [H, n, w, S] scores and probabilities stay in cache up to about this
+# size. Measured on a 2-core EPYC with 32 MB of L3, forward + backward: one block of longformer-base (9 MB)
+# at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the time rises steeply past
+# ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
 GROUP_BYTES = 16 << 20
 
 
@@ -173,28 +259,9 @@ def keep_mask(shape: tuple, p: float, generator: torch.Generator) -> torch.Tenso
     return (bits.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
-def grouped_attention(q, k, v, mask, dropout_p: float):
-    """GroupedAttention over the query blocks in cache-sized groups. q [N, H, w, D]; k, v [N, H, S, D]."""
-    per_block = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    n = max(1, GROUP_BYTES // per_block)
-    outs = []
-    for qs, ks, vs, ms in zip(q.split(n), k.split(n), v.split(n), mask.split(n)):
-        # Head-major copies of the group, made once: q and the windows arrive as transposed views, which
-        # every matmul in forward and backward would otherwise copy again (eight window-sized copies).
-        qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
-        # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and
-        # ranks (seeded apart by the trainer) behave as with any torch dropout.
-        seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p else 0
-        outs.append(GroupedAttention.apply(qs, ks, vs, ms, seed, dropout_p))
-    return torch.cat(outs)
-
-
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
-    (from sdpa.choose_backends), except on CPU with dropout or in half precision (grouped_attention);
-    with None, explicit with an fp32 softmax."""
-    if sdpa_backends is not None and q.device.type == "cpu" and (dropout_p or q.dtype != torch.float32):
-        return grouped_attention(q, k, v, mask, dropout_p)
+    (from sdpa.choose_backends); with None, explicit with an fp32 softmax."""
     if sdpa_backends is not None:
         with sdpa_kernel(list(sdpa_backends), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -208,8 +275,11 @@ def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
 def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None,
                              dropout_p: float = 0.0, sdpa_backends: tuple | None = None):
     """Local (+ global-key) attention. q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D]; mask from
-    window_mask; sdpa_backends as for attend. Returns [B, L, H, D]."""
+    window_mask; sdpa_backends as for attend, except that on CPU, with dropout or in half precision, the
+    grouped kernel runs instead. Returns [B, L, H, D]."""
     B, L, H, D = q.shape
+    if sdpa_backends is not None and q.device.type == "cpu" and (dropout_p or q.dtype != torch.float32):
+        return GroupedAttention.apply(q, k, v, k_global, v_global, mask, w, dropout_p).narrow(1, 0, L)
     nc = num_blocks(L, w)
     qb = _pad_blocks(q, w).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
     kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D], S = num_keys(w, G)
