@@ -53,8 +53,9 @@ class AttentionMasks:
 
     def gather_global(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, *rest] -> [B, G, *rest]: the global tokens' rows (invalid slots hold row 0)."""
-        idx = self.global_idx.view(*self.global_idx.shape, *[1] * (x.dim() - 2))
-        return x.gather(1, idx.expand(-1, -1, *x.shape[2:]))
+        # Indexing rather than gather: gather keeps all of x for its backward pass, indexing only the indices.
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        return x[rows, self.global_idx]
 
     def scatter_global(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Replace the global tokens' rows of x [B, L, *rest] by rows [B, G, *rest]."""
