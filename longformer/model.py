@@ -9,6 +9,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
+from .kernels.dropout import Dropout
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -62,7 +63,7 @@ class LongformerEmbeddings(nn.Module):
         self.position = nn.Embedding(config.max_position_embeddings, C, padding_idx=pad)
         self.token_type = nn.Embedding(config.type_vocab_size, C)
         self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def position_ids(self, input_ids, shape, device, segments=None):
         """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx.
@@ -96,7 +97,7 @@ class LongformerLayer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, C)
         self.ffn_norm = nn.LayerNorm(C, eps=eps)
         self.act = ACT_FNS[config.hidden_act]
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn_out(self.attn(x, masks))))
@@ -289,7 +290,7 @@ class LongformerClassificationHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h):
         h = self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0]))))
@@ -321,7 +322,7 @@ class LongformerForTokenClassification(LongformerPreTrainedModel):
     def __init__(self, config: LongformerConfig):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.classifier.apply(self.init_weights)
 
@@ -396,7 +397,7 @@ class LongformerForMultipleChoice(LongformerPreTrainedModel):
     def __init__(self, config: LongformerConfig):
         super().__init__(config)
         self.longformer = LongformerModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.classifier.apply(self.init_weights)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+from .dropout import draw_seed, keep_mask
+
 
 def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
     """x [B, L, *rest] -> [B, (before + nc + after) * w, *rest], nc = num_blocks(L, w): `before` blocks of zeros,
@@ -125,9 +127,7 @@ class GroupedAttention(torch.autograd.Function):
         kh, vh = _head_major(k, w, 1), _head_major(v, w, 1)  # [B, H, (nc + 2) * w, D]: a zero block each side
         kgh, vgh = _head_major(k_global), _head_major(v_global)  # [B, H, G, D] or None
         groups = _groups(B, nc, H * w * mask.shape[-1] * q.element_size())
-        # Each group's decisions from a seed drawn from torch's generator: seeded runs, resumed runs and ranks
-        # (seeded apart by the trainer) behave as with any torch dropout.
-        seeds = [int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p else 0 for _ in groups]
+        seeds = [draw_seed() if dropout_p else 0 for _ in groups]  # each group's dropout decisions
         out = q.new_empty(B, nc * w, H, D)
         scale = 1.0 / (1.0 - dropout_p)
         for (b, c0, c1), seed in zip(groups, seeds):
@@ -247,16 +247,6 @@ def _kept(q, k, seed: int, dropout_p: float):
 # at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the time rises steeply past
 # ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
 GROUP_BYTES = 16 << 20
-
-
-def keep_mask(shape: tuple, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Bool decisions, True with probability 1 - p (exact to 1/65536): four 16-bit decisions from each 64-bit
-    random draw, 2.8x faster here than one float per decision, which was a third of the dropout kernel's time."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=generator.device)
-    bits.random_(-2**63, 2**63 - 1, generator=generator)
-    # Each int16 is uniform over [-32768, 32767]: at least round(p * 65536) - 32768 with probability 1 - p.
-    return (bits.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
