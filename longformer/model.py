@@ -10,6 +10,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
 from .kernels.dropout import Dropout
+from .kernels.feed_forward import act_linear
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -101,7 +102,7 @@ class LongformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn_out(self.attn(x, masks))))
-        return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+        return self.ffn_norm(x + self.dropout(act_linear(self.ffn_in(x), self.act, self.ffn_out)))
 
 
 class LongformerPreTrainedModel(nn.Module):

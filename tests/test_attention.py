@@ -230,3 +230,30 @@ def test_seeded_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
     torch.manual_seed(0)
     assert torch.equal(drop(x), y)
     assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp64", "bf16"])
+def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(autocast):
+    """The feed-forward's linear(act(h)), act(h) computed again in backward: the gradients of the plain
+    composition (gradcheck in float64; under bf16 autocast, the same dtypes and values as autocast's own)."""
+    from longformer.kernels.feed_forward import ActLinear
+    from longformer.model import ACT_FNS
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float64 if autocast is None else torch.float32
+    h = torch.randn(2, 5, 12, generator=g, dtype=dtype, requires_grad=True)
+    linear = torch.nn.Linear(12, 4, dtype=dtype)
+    act = ACT_FNS["gelu"]
+    if autocast is None:
+        assert torch.autograd.gradcheck(lambda h, w, b: ActLinear.apply(h, w, b, act), (h, linear.weight, linear.bias))
+        return
+    h_bf16 = h.detach().bfloat16().requires_grad_()  # as the first linear's output would be under autocast
+    results = []
+    for fn in (lambda x: linear(act(x)), lambda x: ActLinear.apply(x, linear.weight, linear.bias, act)):
+        with torch.autocast("cpu", dtype=autocast):
+            out = fn(h_bf16)
+        grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                    (h_bf16, linear.weight, linear.bias))
+        results.append((out, *grads))
+    for mine, ref in zip(results[1], results[0]):
+        assert mine.dtype == ref.dtype
+        torch.testing.assert_close(mine, ref)
