@@ -34,6 +34,7 @@ class LongformerSelfAttention(nn.Module):
         # auto: the fused kernel, the fastest on every device measured; chunked: the explicit one (None)
         sdpa = choose_backends(x.device.type, self.config.sdpa_backends) if backend in ("auto", "sdpa") else None
         B, L, C = x.shape
+        x = _in_autocast_dtype(x)
         split = lambda t: t.view(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731  [B, n, C] -> [B, n, H, D]
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         w = self.one_sided_window
@@ -46,3 +47,10 @@ class LongformerSelfAttention(nn.Module):
             out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.global_keys, dropout_p)
             out = masks.scatter_global(out, out_g)
         return (out * masks.keep[:, :, None, None]).reshape(B, L, C)
+
+
+def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x cast once to autocast's dtype where autocast is on: each matmul that reads x would otherwise cast it
+    again and keep its own copy for backward (five copies of x a layer)."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
