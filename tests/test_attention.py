@@ -169,7 +169,7 @@ def test_grouped_attention_gradients_and_no_dropout_equals_sdpa(monkeypatch, gro
         torch.manual_seed(0)
         return banded.GroupedAttention.apply(*x, mask, w, 0.25)
 
-    # The decisions are drawn again from the seeds in backward: gradcheck fails unless they are the same.
+    # Backward reads the decisions forward drew (kept as bits): gradcheck fails unless they are the same.
     assert torch.autograd.gradcheck(with_dropout, inputs)
     grouped = banded.GroupedAttention.apply(*inputs, mask, w, 0.0)[:, :11]
     weights = torch.randn(grouped.shape, dtype=grouped.dtype)
@@ -192,24 +192,30 @@ def test_attention_dropout_drops_at_the_configured_rate():
 
 
 def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group(monkeypatch):
-    """Blocks go through the CPU grouped kernel in cache-sized groups (here of 2 blocks): over 10^6 scores the
-    kept fraction is within 0.5% of 1 - p; each group draws its own decisions; a seed repeats them."""
+    """Blocks go through the CPU grouped kernel in cache-sized groups (here of 2 blocks), decisions drawn for
+    the band's 2w + 1 window keys and the global key: over 10^6 of them the kept fraction is within 0.5% of
+    1 - p; each group draws its own decisions; a seed repeats them."""
     from longformer.kernels import banded
     H, w, p = 4, 32, 0.1
-    S = num_keys(w)  # 96: all of them real keys for the blocks away from both ends
+    S = num_keys(w, 1)  # 104 slots: 65 window keys and 1 global key seen by each query
     monkeypatch.setattr(banded, "GROUP_BYTES", 2 * H * w * S * 4)  # two blocks' scores
-    L = 84 * w  # 82 inner blocks x 4 heads x 32 queries x 96 keys: 10^6 scores
-    q = torch.zeros(1, L, H, 8)  # every score equal: each output is the mean of kept / (1 - p) over the S keys
-    k, v = torch.randn(1, L, H, 8), torch.ones(1, L, H, 8)
-    mask = torch.zeros(L // w, 1, w, S)
+    L = 124 * w  # 122 inner blocks x 4 heads x 32 queries x 66 keys: 10^6 scores
+    q = torch.zeros(1, L, H, 8)  # every score equal: each output is the mean of kept / (1 - p) over its keys
+    k, v, k_global, v_global = torch.randn(1, L, H, 8), torch.ones(1, L, H, 8), torch.randn(1, 1, H, 8), torch.ones(1, 1, H, 8)
+    keep = torch.ones(1, L, dtype=torch.bool)
+    mask = window_mask(keep, keep, w, torch.float32, torch.ones(1, 1, dtype=torch.bool))
+
+    def attention():
+        return banded.GroupedAttention.apply(q, k, v, k_global, v_global, mask, w, p)[0, w:-w, :, 0]  # [inner, H]
+
     torch.manual_seed(0)
-    out = banded.GroupedAttention.apply(q, k, v, None, None, mask, w, p)[0, w:-w, :, 0]  # [inner queries, H]
+    out = attention()
     kept = float(out.mean()) * (1 - p)
     assert abs(kept - (1 - p)) < 0.005 * (1 - p), kept
     blocks = out.unflatten(0, (-1, w))
     assert all(not torch.equal(blocks[0], blocks[c]) for c in range(1, len(blocks)))  # no group repeats another
     torch.manual_seed(0)
-    assert torch.equal(banded.GroupedAttention.apply(q, k, v, None, None, mask, w, p)[0, w:-w, :, 0], out)
+    assert torch.equal(attention(), out)
 
 
 def test_seeded_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
@@ -257,3 +263,17 @@ def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(autocast
     for mine, ref in zip(results[1], results[0]):
         assert mine.dtype == ref.dtype
         torch.testing.assert_close(mine, ref)
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 256 * 8])
+def test_decisions_packed_as_bits_unpack_to_the_same(n):
+    """Every pattern of eight decisions (and lengths that are not a multiple of 8) survives packing."""
+    import itertools
+    from longformer.kernels.dropout import pack_keep, unpack_keep
+    if n == 256 * 8:
+        keep = torch.tensor(list(itertools.product([False, True], repeat=8))).view(-1)
+    else:
+        keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    packed = pack_keep(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_keep(packed, keep.shape), keep)

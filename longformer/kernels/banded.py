@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .dropout import draw_seed, keep_mask
+from .dropout import draw_keep, pack_keep, unpack_keep
 
 
 def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
@@ -110,11 +110,11 @@ class GroupedAttention(torch.autograd.Function):
     + mask) * keep / (1 - p) @ v: where the fused kernel takes no dropout, and in bf16/fp16, where it is
     slower (65 against 49 ms a layer of longformer-base at 4,096 tokens).
 
-    It keeps only q, k and v (head-major, one copy each) and its dropout seeds. Each group's key windows,
-    probabilities and dropout decisions are built again in backward: the windows are 3x the size of k
-    and v (and a dropout mask as large as both together), which a fused kernel would keep or torch's unfused
-    fallback would keep with every block's scores. Scales are applied to the small tensors (q, v, gradients)
-    rather than to the [H, n, w, S] ones.
+    It keeps only q, k and v (head-major, one copy each) and its dropout decisions as bits. Each group's key
+    windows and probabilities are built again in backward: the windows are 3x the size of k and v, which a
+    fused kernel would keep, and torch's unfused fallback would keep them with every block's scores and a
+    byte per dropout decision. Scales are applied to the small tensors (q, v, gradients) rather than to the
+    [H, n, w, S] ones.
     """
 
     @staticmethod
@@ -127,33 +127,37 @@ class GroupedAttention(torch.autograd.Function):
         kh, vh = _head_major(k, w, 1), _head_major(v, w, 1)  # [B, H, (nc + 2) * w, D]: a zero block each side
         kgh, vgh = _head_major(k_global), _head_major(v_global)  # [B, H, G, D] or None
         groups = _groups(B, nc, H * w * mask.shape[-1] * q.element_size())
-        seeds = [draw_seed() if dropout_p else 0 for _ in groups]  # each group's dropout decisions
         out = q.new_empty(B, nc * w, H, D)
-        scale = 1.0 / (1.0 - dropout_p)
-        for (b, c0, c1), seed in zip(groups, seeds):
+        decisions = []  # per group, packed as bits
+        for b, c0, c1 in groups:
             qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
-            probs, kept = _probs(qg, kg, mg), _kept(qg, kg, seed, dropout_p)
-            og = torch.matmul(probs if kept is None else probs.mul_(kept), vg.mul_(scale) if dropout_p else vg)
-            _blocks(out, w, b, c0, c1).copy_(og)
-        ctx.save_for_backward(qh, kh, vh, kgh, vgh, mask)
-        ctx.w, ctx.nc, ctx.groups, ctx.seeds, ctx.dropout_p, ctx.scale = w, nc, groups, seeds, dropout_p, scale
-        ctx.q_shape = q.shape
+            probs = _probs(qg, kg, mg)
+            if dropout_p:
+                keep = _band_keep(probs.shape, w, 0 if kgh is None else kgh.shape[2], dropout_p, q.device)
+                probs.mul_(_factor(keep, probs.dtype))
+                vg.mul_(1.0 / (1.0 - dropout_p))
+                decisions.append(pack_keep(keep))
+            _blocks(out, w, b, c0, c1).copy_(torch.matmul(probs, vg))
+        ctx.save_for_backward(qh, kh, vh, kgh, vgh, mask, *decisions)
+        ctx.w, ctx.nc, ctx.groups, ctx.dropout_p, ctx.q_shape = w, nc, groups, dropout_p, q.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qh, kh, vh, kgh, vgh, mask = ctx.saved_tensors
-        w, nc = ctx.w, ctx.nc
+        qh, kh, vh, kgh, vgh, mask, *decisions = ctx.saved_tensors
+        w, nc, p = ctx.w, ctx.nc, ctx.dropout_p
         grad_q, grad_k, grad_v = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
         grad_kg = None if kgh is None else torch.zeros_like(kgh)
         grad_vg = None if vgh is None else torch.zeros_like(vgh)
         sm_scale = 1.0 / math.sqrt(qh.shape[-1])
-        for (b, c0, c1), seed in zip(ctx.groups, ctx.seeds):
+        for i, (b, c0, c1) in enumerate(ctx.groups):
             qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
-            probs, kept = _probs(qg, kg, mg), _kept(qg, kg, seed, ctx.dropout_p)
+            probs = _probs(qg, kg, mg)
             go = _blocks(grad_out, w, b, c0, c1).contiguous()  # [H, n, w, D]
-            if ctx.dropout_p:
-                go.mul_(ctx.scale)
+            kept = None
+            if p:
+                kept = _factor(unpack_keep(decisions[i], probs.shape), probs.dtype)
+                go.mul_(1.0 / (1.0 - p))
             gv = torch.matmul((probs if kept is None else probs * kept).transpose(-1, -2), go)  # [H, n, S, D]
             grad_probs = torch.matmul(go, vg.transpose(-1, -2))
             if kept is not None:
@@ -231,15 +235,23 @@ def _probs(q, k, mask):
     return torch.softmax(scores, dim=-1)
 
 
-def _kept(q, k, seed: int, dropout_p: float):
-    """1.0 where a probability is kept, 0.0 where dropped ([H, n, w, S], q's dtype); None without dropout."""
-    if not dropout_p:
-        return None
-    generator = torch.Generator(q.device).manual_seed(seed)
-    keep = keep_mask((*q.shape[:-1], k.shape[-2]), dropout_p, generator)
-    # Through a uint8 view: converting bool directly, or multiplying by it, is an unvectorized cast here,
-    # 6-8x slower than this and a multiply.
-    return keep.view(torch.uint8).to(q.dtype)
+def _band_keep(shape: tuple, w: int, G: int, p: float, device: torch.device) -> torch.Tensor:
+    """Dropout decisions for a group's scores [H, n, w, S], drawn only where the band lets a query see a key:
+    row a's window keys a .. a + 2w and the G global keys, 2w + 1 + G of the S slots (66% for longformer-base).
+    The other slots hold False: their probabilities are 0, and stay 0 whatever is decided there."""
+    H, n, _, S = shape
+    keep = torch.zeros(shape, dtype=torch.bool, device=device)
+    # Row a's slot a + j sits at a * S + a + j = a * (S + 1) + j of its block: rows S + 1 apart, j from 0 to 2w.
+    keep.as_strided((H, n, w, 2 * w + 1), (n * w * S, w * S, S + 1, 1)).copy_(draw_keep((H, n, w, 2 * w + 1), p, device))
+    if G:
+        keep[..., 3 * w:3 * w + G] = draw_keep((H, n, w, G), p, device)
+    return keep
+
+
+def _factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1.0 where kept, 0.0 where dropped. Through a uint8 view: converting bool directly, or multiplying by
+    it, is an unvectorized cast here, 6-8x slower than this and a multiply."""
+    return keep.view(torch.uint8).to(dtype)
 
 
 # Query blocks per group: the group's [H, n, w, S] scores and probabilities stay in cache up to about this
