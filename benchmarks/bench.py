@@ -78,10 +78,14 @@ def build(impl, L, mode, config, device):
             cfg = transformers.LongformerConfig(**config, max_position_embeddings=L + 2)
             return (transformers.LongformerForMaskedLM(cfg) if mode == "train"
                     else transformers.LongformerModel(cfg, add_pooling_layer=False))
-        import longformer  # "ours"; "ours+ckpt" / "ours+sel": full / selective checkpointing; "ours+compile"
+        import longformer
+        # "ours"; "ours+ckpt" / "ours+sel": full / selective checkpointing; "ours+attn0": no attention dropout;
+        # "ours+compile": torch.compile'd
         checkpointing = {"ours+ckpt": True, "ours+sel": "selective"}.get(impl, False)
+        extra = {"attention_probs_dropout_prob": 0.0} if impl == "ours+attn0" else {}
         # max_global_tokens: global slots fixed at compile time, so that the count is never read back
-        cfg = longformer.LongformerConfig(**config, max_position_embeddings=L + 2, gradient_checkpointing=checkpointing,
+        cfg = longformer.LongformerConfig(**{**config, **extra}, max_position_embeddings=L + 2,
+                                          gradient_checkpointing=checkpointing,
                                           max_global_tokens=1 if impl == "ours+compile" else None)
         model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
                  else longformer.LongformerModel(cfg, add_pooling_layer=False))
@@ -209,6 +213,9 @@ def environment(device, dtypes):
     return meta
 
 
+TRAIN_ONLY = ("ours+ckpt", "ours+sel", "ours+attn0")
+
+
 def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_train=None, log=print):
     """Measure every configuration with every implementation; rows saved to out (JSON) as they come."""
     meta = environment(device, sorted({c[2] for c in configs}))
@@ -218,7 +225,7 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
     jobs = {}  # impl -> the configurations it runs
     for L, batch, dtype, mode in configs:
         for impl in impls:
-            skip = (impl in ("ours+ckpt", "ours+sel") and mode != "train") or \
+            skip = (impl in TRAIN_ONLY and mode != "train") or \
                 (impl == "hf" and mode == "train" and hf_max_train and L > hf_max_train)
             if not skip:
                 jobs.setdefault(impl, []).append((L, batch, dtype, mode))
@@ -255,9 +262,9 @@ def main():
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
-                   choices=["hf", "ours", "ours+ckpt", "ours+sel", "ours+compile"],
-                   help="ours+ckpt / ours+sel (full / selective gradient checkpointing) run for training steps only; "
-                        "ours+compile is "
+                   choices=["hf", "ours", "ours+ckpt", "ours+sel", "ours+attn0", "ours+compile"],
+                   help="training steps only: ours+ckpt / ours+sel (full / selective gradient checkpointing), "
+                        "ours+attn0 (attention dropout 0, for the cost of dropout); ours+compile is "
                         "torch.compile'd (its first step, left out of the median, compiles)")
     p.add_argument("--hf-max-train-length", type=int, default=None,
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
@@ -318,7 +325,7 @@ def plot(*results_json: str) -> str | None:
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
             for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green"),
-                                ("ours+sel", "tab:orange"), ("ours+compile", "tab:purple")):
+                                ("ours+sel", "tab:orange"), ("ours+attn0", "tab:olive"), ("ours+compile", "tab:purple")):
                 pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
                               and "median_s" in r.get(impl, {})), key=lambda p: p[0])
                 if not pts:

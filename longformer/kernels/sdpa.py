@@ -8,7 +8,7 @@ Left to itself, SDPA picks a kernel by its own priority list, which changes betw
   faster (146-155 against 181 ms eager); it stays out of the default until the whole test suite has passed
   with it on a GPU (one CUDA run with it first had a failure not yet identified). `cudnn,efficient,math` to
   try it; fp32 falls through to the memory-efficient kernel (cuDNN takes no fp32). Flash takes no mask.
-- cpu: the CPU flash kernel (it takes masks), then math; in fp32 without dropout only (banded.attend).
+- cpu: the CPU flash kernel (it takes masks), then math; in fp32 without dropout only (banded.sliding_window_attention).
 - other devices: flash, efficient, math (torch's classic order).
 
 Override, first match wins: config.sdpa_backends (e.g. from_pretrained(..., sdpa_backends="cudnn,efficient")),
