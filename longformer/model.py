@@ -11,6 +11,7 @@ from .attention import AttentionMasks, LongformerSelfAttention, document_segment
 from .config import LongformerConfig
 from .kernels.dropout import Dropout
 from .kernels.feed_forward import act_linear
+from .kernels.layer_norm import LayerNorm
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -63,7 +64,7 @@ class LongformerEmbeddings(nn.Module):
         self.word = nn.Embedding(config.vocab_size, C, padding_idx=pad)
         self.position = nn.Embedding(config.max_position_embeddings, C, padding_idx=pad)
         self.token_type = nn.Embedding(config.type_vocab_size, C)
-        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def position_ids(self, input_ids, shape, device, segments=None):
@@ -93,10 +94,10 @@ class LongformerLayer(nn.Module):
         C, eps = config.hidden_size, config.layer_norm_eps
         self.attn = LongformerSelfAttention(config, layer_id)
         self.attn_out = nn.Linear(C, C)
-        self.attn_norm = nn.LayerNorm(C, eps=eps)
+        self.attn_norm = LayerNorm(C, eps=eps)
         self.ffn_in = nn.Linear(C, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, C)
-        self.ffn_norm = nn.LayerNorm(C, eps=eps)
+        self.ffn_norm = LayerNorm(C, eps=eps)
         self.act = ACT_FNS[config.hidden_act]
         self.dropout = Dropout(config.hidden_dropout_prob)
 

@@ -277,3 +277,28 @@ def test_decisions_packed_as_bits_unpack_to_the_same(n):
     packed = pack_keep(keep)
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
     assert torch.equal(unpack_keep(packed, keep.shape), keep)
+
+
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_layer_norm_keeping_its_output_gives_layer_norm_gradients(zero_weight):
+    """LayerNorm's backward from its output (x_hat recovered as (y - bias) / weight): torch's gradients
+    (gradcheck, float64), and where a weight is zero, torch's own LayerNorm instead."""
+    from longformer.kernels.layer_norm import LayerNorm, OutputLayerNorm
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64) + 1).requires_grad_()
+    norm = LayerNorm(8, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+        norm.bias.copy_(torch.randn(8, generator=g))
+        if zero_weight:
+            norm.weight[3] = 0
+    if not zero_weight:
+        assert torch.autograd.gradcheck(lambda *a: OutputLayerNorm.apply(*a, norm.eps), (x, norm.weight, norm.bias))
+    y = norm(x)
+    assert (y.grad_fn.name() == "NativeLayerNormBackward0") == zero_weight
+    weights = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    mine = torch.autograd.grad((y * weights).sum(), (x, norm.weight, norm.bias))
+    ref_y = torch.nn.functional.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(y, ref_y)
+    for a, b in zip(mine, torch.autograd.grad((ref_y * weights).sum(), (x, norm.weight, norm.bias))):
+        torch.testing.assert_close(a, b)
