@@ -218,9 +218,10 @@ def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_gr
     assert torch.equal(attention(), out)
 
 
-def test_seeded_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
+def test_hidden_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
     """The hidden dropout on CPU: over 10^6 values the kept fraction is within 0.5% of 1 - p; backward drops
-    exactly what forward dropped (drawn again from the seed); a new call draws afresh; eval is the identity."""
+    exactly what forward dropped (its decisions kept as bits); a new call draws afresh; a seed repeats them;
+    eval is the identity."""
     from longformer.kernels.dropout import Dropout
     p = 0.1
     drop = Dropout(p)
