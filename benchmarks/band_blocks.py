@@ -8,12 +8,15 @@ windows (2w + block keys for every block). Groups of blocks as the CPU kernel ta
 scores), longformer-base's 12 heads of 64, one process; medians of 7 after a warm-up.
 """
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 from longformer.kernels.banded import GROUP_BYTES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import median_time  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -49,13 +52,7 @@ def main():
     for name in args.dtypes:
         for block in (w, w // 2, w // 4):
             run, S = band_core(args.length, w, block, DTYPES[name])
-            run()
-            times = []
-            for _ in range(7):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            print(f"{name} block {block:4d} ({S} key slots): {statistics.median(times) * 1e3:6.1f} ms a layer")
+            print(f"{name} block {block:4d} ({S} key slots): {median_time(run, 7) * 1e3:6.1f} ms a layer")
 
 
 if __name__ == "__main__":
