@@ -10,7 +10,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
 from .kernels.dropout import Dropout
-from .kernels.feed_forward import act_linear
+from .kernels.feed_forward import feed_forward
 from .kernels.layer_norm import LayerNorm
 
 ACT_FNS = {
@@ -103,7 +103,7 @@ class LongformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn_out(self.attn(x, masks))))
-        return self.ffn_norm(x + self.dropout(act_linear(self.ffn_in(x), self.act, self.ffn_out)))
+        return self.ffn_norm(x + self.dropout(feed_forward(x, self.ffn_in, self.act, self.ffn_out)))
 
 
 class LongformerPreTrainedModel(nn.Module):

@@ -6,6 +6,7 @@ from torch.nn.attention import SDPBackend
 import longformer
 from device import DEVICE, on_device
 from longformer.kernels.banded import key_windows, num_keys, window_mask
+from longformer.kernels.strided import strided_band_attention
 
 
 def tiny(windows, **kw):
@@ -71,6 +72,48 @@ def test_window_mask_is_the_band():
             seen = sorted(int(p) for p, ok in zip(pos[c], mask[c, a]) if ok and p >= 0)
             assert seen == [j for j in range(L) if abs(i - j) <= w], (i, seen)
             assert not mask[c, a, 3 * w:].any()
+
+
+def test_strided_band_mask_is_the_band():
+    """The CPU inference kernel's mask: each query sees exactly the keys within ±w, for windows smaller and
+    larger than its blocks."""
+    from longformer.kernels import strided
+    n = strided.BLOCK
+    for L, w in ((2 * n + 5, 3), (3 * n - 1, n + 7)):
+        keep = torch.ones(1, L, dtype=torch.bool)
+        mask = strided.band_mask(keep, keep, w, torch.float32)[0, :, 0] == 0  # [nc, BLOCK, 2w + BLOCK] allowed
+        for c in range(mask.shape[0]):
+            for a in range(n):
+                i = c * n + a
+                if i >= L:  # the padded tail of the last block: never an empty row, it sees at least its own slot
+                    assert mask[c, a, w + a]
+                    continue
+                seen = [c * n - w + s for s in range(2 * w + n) if mask[c, a, s]]  # slot s holds key c*n - w + s
+                assert seen == [j for j in range(L) if abs(i - j) <= w], (L, w, i)
+
+
+@pytest.mark.parametrize("windows,L", [([2, 6, 10], 23), ([6, 80], 70), ([100, 64], 150)])
+@pytest.mark.parametrize("n_global", [0, 1, 3])
+def test_inference_kernel_matches_dense_reference(monkeypatch, windows, L, n_global):
+    """Without autograd, in fp32 on CPU, the band runs through strided views of k and v, blocks of 32 queries,
+    global keys merged by log-sum-exp; the feed-forward in chunks of rows (here 16): the dense reference's
+    outputs, with padding, odd lengths and windows below and above the block size."""
+    from longformer.attention import self_attention
+    from longformer.kernels import feed_forward
+    calls = []
+    monkeypatch.setattr(self_attention, "strided_band_attention",
+                        lambda *a: calls.append(1) or strided_band_attention(*a))
+    monkeypatch.setattr(feed_forward, "CHUNK_ROWS", 16)
+    torch.manual_seed(0)
+    ref = longformer.LongformerModel(tiny(windows, attention_backend="dense")).to(DEVICE).eval()
+    fast = longformer.LongformerModel(tiny(windows, attention_backend="sdpa")).to(DEVICE).eval()
+    fast.load_state_dict(ref.state_dict())
+    ids, am, gm = make_batch(3, L, seed=L + n_global, n_global=n_global)
+    with torch.no_grad():
+        y_ref = ref(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+        y = fast(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    assert len(calls) == (len(windows) if DEVICE.type == "cpu" else 0)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "chunked"])

@@ -86,6 +86,22 @@ def test_packed_documents_equal_documents_alone(backend, max_global_tokens):
     assert set(packed_grads) == {k for k, p in model.named_parameters() if p.grad is not None}
 
 
+def test_packed_documents_equal_documents_alone_without_autograd():
+    """The same without autograd, where CPU's fp32 band runs through its inference kernel (strided views)."""
+    docs = documents()
+    model = small_model("sdpa")
+    ids, am, gm, doc_ids = pack(docs, ROWS, L)
+    with torch.no_grad():
+        packed = model(ids, attention_mask=am, global_attention_mask=gm, document_ids=doc_ids).last_hidden_state
+        for r, members in enumerate(ROWS):
+            at = 0
+            for d in members:
+                x, g = on_device(*docs[d])
+                alone = model(x[None], global_attention_mask=g[None]).last_hidden_state[0]
+                torch.testing.assert_close(packed[r, at:at + len(x)], alone, atol=1e-5, rtol=0)
+                at += len(x)
+
+
 def test_without_document_ids_documents_see_each_other():
     """The test above can fail: the same packed rows without document_ids differ from the documents alone."""
     docs = documents()

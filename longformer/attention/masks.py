@@ -1,7 +1,7 @@
 """AttentionMasks: what every layer needs to know about padding and global tokens, computed once a forward."""
 import torch
 
-from ..kernels import window_mask
+from ..kernels import band_mask, window_mask
 
 
 class AttentionMasks:
@@ -50,6 +50,19 @@ class AttentionMasks:
                 self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None,
                 self.segments, self.global_segments if self.num_global else None)
         return self._window_masks[w, dtype]
+
+    def band_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask of strided_band_attention for window w, built once and shared like window_mask's."""
+        if ("band", w, dtype) not in self._window_masks:
+            self._window_masks["band", w, dtype] = band_mask(self.keep, self.local_keys, w, dtype, self.segments)
+        return self._window_masks["band", w, dtype]
+
+    def global_allowed(self) -> torch.Tensor:
+        """[B, L, G] bool: the global keys each query sees (the valid slots; with segments, its own document's)."""
+        allowed = self.global_valid[:, None, :].expand(-1, self.keep.shape[1], -1)
+        if self.segments is not None:
+            allowed = allowed & (self.segments[:, :, None] == self.global_segments[:, None, :])
+        return allowed
 
     def gather_global(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, *rest] -> [B, G, *rest]: the global tokens' rows (invalid slots hold row 0)."""

@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from ..kernels import choose_backends, global_query_attention, sliding_window_attention
+from ..kernels import (choose_backends, global_query_attention, sliding_window_attention, strided_band_applies,
+                       strided_band_attention)
 from .dense import dense_attention
 from .masks import AttentionMasks
 
@@ -41,7 +42,11 @@ class LongformerSelfAttention(nn.Module):
         k_glob = v_glob = None
         if masks.num_global:
             k_glob, v_glob = masks.gather_global(k), masks.gather_global(v)  # [B, G, H, D]
-        out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
+        if strided_band_applies(q, dropout_p, sdpa):
+            out = strided_band_attention(q, k, v, w, masks.band_mask(w, q.dtype), k_glob, v_glob,
+                                         masks.global_allowed() if masks.num_global else None)
+        else:
+            out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
         if masks.num_global:
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
             out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.global_keys, dropout_p)

@@ -1,4 +1,5 @@
-"""The feed-forward block's second half, linear(act(h)), keeping only h for the backward pass."""
+"""The feed-forward block, linear_out(act(linear_in(x))): in training keeping only linear_in's output for the
+backward pass; on CPU without autograd, in chunks of rows."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +34,21 @@ class ActLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None
 
 
-def act_linear(h: torch.Tensor, act, linear: nn.Linear) -> torch.Tensor:
-    """linear(act(h)); in training, through ActLinear (torch.compile recomputes act(h) by itself)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return linear(act(h))
-    return ActLinear.apply(h, linear.weight, linear.bias, act)
+def feed_forward(x: torch.Tensor, linear_in: nn.Linear, act, linear_out: nn.Linear) -> torch.Tensor:
+    """linear_out(act(linear_in(x))): in training through ActLinear; on CPU without autograd, CHUNK_ROWS rows
+    at a time (torch.compile and export see the plain expression)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return linear_out(act(linear_in(x)))
+    if torch.is_grad_enabled():
+        return ActLinear.apply(linear_in(x), linear_out.weight, linear_out.bias, act)
+    if x.device.type != "cpu":
+        return linear_out(act(linear_in(x)))
+    rows = x.flatten(0, -2)  # [N, C]
+    out = torch.cat([linear_out(act(linear_in(chunk))) for chunk in rows.split(CHUNK_ROWS)])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# Rows per chunk on CPU. A chunk's [rows, intermediate] activations (12 MB for 1,024 rows of longformer-base
+# in fp32) are reused from the heap, where a whole sequence's (50 MB at 4,096 tokens) is a fresh mapping from
+# the OS every time, its pages faulted in at first touch: measured 169 against 195 ms a layer's feed-forward.
+CHUNK_ROWS = 1024
