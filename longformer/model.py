@@ -9,9 +9,11 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
+from .kernels.cross_entropy import cross_entropy
 from .kernels.dropout import Dropout
 from .kernels.feed_forward import feed_forward
 from .kernels.layer_norm import LayerNorm
+from .kernels.linear import linear
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -102,7 +104,7 @@ class LongformerLayer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn_out(self.attn(x, masks))))
+        x = self.attn_norm(x + self.dropout(linear(self.attn(x, masks), self.attn_out.weight, self.attn_out.bias)))
         return self.ffn_norm(x + self.dropout(feed_forward(x, self.ffn_in, self.act, self.ffn_out)))
 
 
@@ -249,7 +251,7 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return LongformerHeadOutput(loss, logits, out.hidden_states)
 
 
@@ -265,7 +267,7 @@ class LongformerLMHead(nn.Module):
 
     def forward(self, h):
         h = self.layer_norm(F.gelu(self.dense(h)))
-        return F.linear(h, self.word_embeddings[0].weight, self.bias)
+        return linear(h, self.word_embeddings[0].weight, self.bias)
 
 
 def _classification_loss(config, logits, labels):

@@ -282,23 +282,27 @@ def test_hidden_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.parametrize("act_name", ["gelu", None])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp64", "bf16"])
-def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(autocast):
-    """The feed-forward's linear(act(h)), act(h) computed again in backward: the gradients of the plain
-    composition (gradcheck in float64; under bf16 autocast, the same dtypes and values as autocast's own)."""
-    from longformer.kernels.feed_forward import ActLinear
+def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(monkeypatch, autocast, act_name):
+    """linear(act(h)) with act(h) computed again in backward, or linear(h) casting its weight again, its weight
+    gradient in chunks of output features (here 3 of the 4): the gradients of the plain composition (gradcheck
+    in float64; under bf16 autocast, the same dtypes and values as autocast's own)."""
+    from longformer.kernels import linear as lean
+    from longformer.kernels.linear import ActLinear
+    monkeypatch.setattr(lean, "GRAD_CHUNK", 3)
     from longformer.model import ACT_FNS
     g = torch.Generator().manual_seed(0)
     dtype = torch.float64 if autocast is None else torch.float32
     h = torch.randn(2, 5, 12, generator=g, dtype=dtype, requires_grad=True)
     linear = torch.nn.Linear(12, 4, dtype=dtype)
-    act = ACT_FNS["gelu"]
+    act = ACT_FNS[act_name] if act_name else None
     if autocast is None:
         assert torch.autograd.gradcheck(lambda h, w, b: ActLinear.apply(h, w, b, act), (h, linear.weight, linear.bias))
         return
     h_bf16 = h.detach().bfloat16().requires_grad_()  # as the first linear's output would be under autocast
     results = []
-    for fn in (lambda x: linear(act(x)), lambda x: ActLinear.apply(x, linear.weight, linear.bias, act)):
+    for fn in (lambda x: linear(x if act is None else act(x)), lambda x: ActLinear.apply(x, linear.weight, linear.bias, act)):
         with torch.autocast("cpu", dtype=autocast):
             out = fn(h_bf16)
         grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
@@ -323,26 +327,57 @@ def test_decisions_packed_as_bits_unpack_to_the_same(n):
     assert torch.equal(unpack_keep(packed, keep.shape), keep)
 
 
-@pytest.mark.parametrize("zero_weight", [False, True])
-def test_layer_norm_keeping_its_output_gives_layer_norm_gradients(zero_weight):
-    """LayerNorm's backward from its output (x_hat recovered as (y - bias) / weight): torch's gradients
-    (gradcheck, float64), and where a weight is zero, torch's own LayerNorm instead."""
+@pytest.mark.parametrize("case", ["output", "zero_weight", "autocast"])
+def test_layer_norm_keeping_its_output_or_normalised_input_gives_layer_norm_gradients(case):
+    """LayerNorm's backward from its output (x_hat recovered as (y - bias) / weight), or under autocast from
+    x_hat kept in bf16: torch's gradients (gradcheck in float64, both ways; under bf16 autocast, to bf16's
+    precision); where a weight is zero, outside autocast, torch's own LayerNorm instead."""
     from longformer.kernels.layer_norm import LayerNorm, OutputLayerNorm
     g = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(2, 5, 8, generator=g, dtype=torch.float64) + 1).requires_grad_()
-    norm = LayerNorm(8, dtype=torch.float64)
+    dtype = torch.float32 if case == "autocast" else torch.float64
+    x = (3 * torch.randn(2, 5, 8, generator=g, dtype=dtype) + 1).requires_grad_()
+    norm = LayerNorm(8, dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(8, generator=g))
         norm.bias.copy_(torch.randn(8, generator=g))
-        if zero_weight:
+        if case == "zero_weight":
             norm.weight[3] = 0
-    if not zero_weight:
-        assert torch.autograd.gradcheck(lambda *a: OutputLayerNorm.apply(*a, norm.eps), (x, norm.weight, norm.bias))
-    y = norm(x)
-    assert (y.grad_fn.name() == "NativeLayerNormBackward0") == zero_weight
+    if case == "output":
+        for kept in (None, torch.float64):  # y, or x_hat (in fp64 here, so that gradcheck can tell)
+            assert torch.autograd.gradcheck(lambda *a: OutputLayerNorm.apply(*a, norm.eps, kept),
+                                            (x, norm.weight, norm.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        y = norm(x)
+    assert (y.grad_fn.name() == "NativeLayerNormBackward0") == (case == "zero_weight")
     weights = torch.randn(y.shape, generator=g, dtype=y.dtype)
     mine = torch.autograd.grad((y * weights).sum(), (x, norm.weight, norm.bias))
     ref_y = torch.nn.functional.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(y, ref_y)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if case == "autocast" else {}
     for a, b in zip(mine, torch.autograd.grad((ref_y * weights).sum(), (x, norm.weight, norm.bias))):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_in_chunks_equals_torchs(monkeypatch, dtype, reduction):
+    """The masked-LM loss over chunks of rows (here 3 rows of 7 words): torch's loss and gradient on the fp32
+    (here fp64) logits, ignored rows included; gradcheck in fp64; in bf16 the gradient autocast would give."""
+    from longformer.kernels import cross_entropy as ce
+    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 21)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(10, 7, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 7, (10,), generator=g)
+    labels[[2, 5]] = -100
+    loss = ce.cross_entropy(logits, labels, reduction=reduction)
+    grad, = torch.autograd.grad(3 * loss, logits)
+    wide = logits.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(wide, labels, reduction=reduction)
+    ref_grad, = torch.autograd.grad(3 * ref, wide)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32) and grad.dtype == dtype and not grad[[2, 5]].any()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad.to(dtype), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: ce.CrossEntropy.apply(x, labels, -100, reduction == "mean"),
+                                        (logits,))
+    assert ce.cross_entropy(logits, torch.full_like(labels, -100)).isnan()  # a mean over nothing, as torch's

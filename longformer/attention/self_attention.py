@@ -4,6 +4,7 @@ from torch import nn
 
 from ..kernels import (choose_backends, global_query_attention, sliding_window_attention, strided_band_applies,
                        strided_band_attention)
+from ..kernels.linear import linear
 from .dense import dense_attention
 from .masks import AttentionMasks
 
@@ -37,7 +38,7 @@ class LongformerSelfAttention(nn.Module):
         B, L, C = x.shape
         x = _in_autocast_dtype(x)
         split = lambda t: t.view(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731  [B, n, C] -> [B, n, H, D]
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        q, k, v = (split(linear(x, p.weight, p.bias)) for p in (self.query, self.key, self.value))
         w = self.one_sided_window
         k_glob = v_glob = None
         if masks.num_global:

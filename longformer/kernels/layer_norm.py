@@ -5,6 +5,7 @@ its input (the residual sum) is kept only for LayerNorm's backward. Keeping the 
 recovering the normalised input from it, x_hat = (y - bias) / weight, saves one [B, L, C] tensor per
 LayerNorm: 2 x 12.6 MB a layer of longformer-base at 4,096 tokens in fp32 (as Apex's memory-efficient
 LayerNorm does). That recovery needs every weight to be non-zero; where one is zero, torch's LayerNorm runs.
+Under autocast it keeps the normalised input x_hat in autocast's dtype instead (6.3 against 12.6 MB).
 CPU only: the check reads the weight back, which on a GPU would wait for it.
 """
 import torch
@@ -13,26 +14,39 @@ from torch import nn
 
 class OutputLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float):
-        y, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        ctx.save_for_backward(y, weight, bias, rstd)
+    def forward(ctx, x, weight, bias, eps: float, low_dtype: torch.dtype | None):
+        """low_dtype None: keep y, and recover x_hat from it in backward. A dtype (autocast's): keep x_hat in
+        it, half of fp32 y's size; a backward from x_hat rounded to bf16 is as precise as autocast's own
+        matmul gradients, where one from a rounded y would lose digits to (y - bias) / weight."""
+        C = x.shape[-1]
+        if low_dtype is None:
+            y, _, rstd = torch.native_layer_norm(x, (C,), weight, bias, eps)
+            ctx.save_for_backward(y, weight, bias, rstd)
+        else:
+            x_hat, _, rstd = torch.native_layer_norm(x, (C,), None, None, eps)
+            y = torch.addcmul(bias, x_hat, weight)
+            ctx.save_for_backward(x_hat.to(low_dtype), weight, None, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        y, weight, bias, rstd = ctx.saved_tensors
-        x_hat = (y - bias) / weight
+        kept, weight, bias, rstd = ctx.saved_tensors
+        x_hat = kept.to(weight.dtype) if bias is None else (kept - bias) / weight
         gw = grad * weight
         grad_x = rstd * (gw - gw.mean(-1, keepdim=True) - x_hat * (gw * x_hat).mean(-1, keepdim=True))
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        return grad_x, rows(grad * x_hat).sum(0), rows(grad).sum(0), None
+        return grad_x, rows(grad * x_hat).sum(0), rows(grad).sum(0), None, None
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state dict), keeping its output for backward on CPU in training."""
+    """nn.LayerNorm (same parameters and state dict), keeping its output for backward on CPU in training, or
+    under autocast its normalised input in autocast's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or self.weight is None or self.bias is None or not bool(self.weight.ne(0).all())):
+                or self.weight is None or self.bias is None):
             return super().forward(x)
-        return OutputLayerNorm.apply(x, self.weight, self.bias, self.eps)
+        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        if low is None and not bool(self.weight.ne(0).all()):
+            return super().forward(x)
+        return OutputLayerNorm.apply(x, self.weight, self.bias, self.eps, low)

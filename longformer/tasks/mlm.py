@@ -2,9 +2,9 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..data import collate_mlm
+from ..kernels.cross_entropy import cross_entropy
 from .base import Task
 
 
@@ -21,15 +21,15 @@ class MLMTask(Task):
     def _scores(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                        document_ids=batch.get("document_ids"), logits_at_labels_only=True).logits  # [predicted, vocab]
-        return logits.float(), batch["labels"][batch["labels"].ne(-100)]
+        return logits, batch["labels"][batch["labels"].ne(-100)]  # cross_entropy works in fp32 itself
 
     def loss_sum(self, model, batch):
         logits, target = self._scores(model, batch)
-        return F.cross_entropy(logits, target, reduction="sum")
+        return cross_entropy(logits, target, reduction="sum")
 
     def eval_sums(self, model, batch):
         logits, target = self._scores(model, batch)
-        return {"loss": F.cross_entropy(logits, target, reduction="sum"),
+        return {"loss": cross_entropy(logits, target, reduction="sum"),
                 "correct": (logits.argmax(-1) == target).sum(), "count": torch.tensor(len(target))}
 
     def metrics(self, sums):
