@@ -11,9 +11,9 @@ from .attention import AttentionMasks, LongformerSelfAttention, document_segment
 from .config import LongformerConfig
 from .kernels.cross_entropy import cross_entropy
 from .kernels.dropout import Dropout
-from .kernels.feed_forward import feed_forward
 from .kernels.layer_norm import LayerNorm
 from .kernels.linear import linear
+from .kernels.rows import in_row_chunks
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -104,8 +104,14 @@ class LongformerLayer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(linear(self.attn(x, masks), self.attn_out.weight, self.attn_out.bias)))
-        return self.ffn_norm(x + self.dropout(feed_forward(x, self.ffn_in, self.act, self.ffn_out)))
+        return in_row_chunks(self.per_token, x, self.attn(x, masks))
+
+    def per_token(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer, token by token: x and attended [..., C] -> [..., C]. In training the feed-forward's
+        second linear keeps only the first's output (linear() recomputes the activation)."""
+        x = self.attn_norm(x + self.dropout(linear(attended, self.attn_out.weight, self.attn_out.bias)))
+        h = linear(x, self.ffn_in.weight, self.ffn_in.bias)
+        return self.ffn_norm(x + self.dropout(linear(h, self.ffn_out.weight, self.ffn_out.bias, self.act)))
 
 
 class LongformerPreTrainedModel(nn.Module):

@@ -96,14 +96,14 @@ def test_strided_band_mask_is_the_band():
 @pytest.mark.parametrize("n_global", [0, 1, 3])
 def test_inference_kernel_matches_dense_reference(monkeypatch, windows, L, n_global):
     """Without autograd, in fp32 on CPU, the band runs through strided views of k and v, blocks of 32 queries,
-    global keys merged by log-sum-exp; the feed-forward in chunks of rows (here 16): the dense reference's
+    global keys merged by log-sum-exp; the rest of each layer in chunks of tokens (here 16): the dense reference's
     outputs, with padding, odd lengths and windows below and above the block size."""
     from longformer.attention import self_attention
-    from longformer.kernels import feed_forward
+    from longformer.kernels import rows
     calls = []
     monkeypatch.setattr(self_attention, "strided_band_attention",
                         lambda *a: calls.append(1) or strided_band_attention(*a))
-    monkeypatch.setattr(feed_forward, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(rows, "CHUNK_ROWS", 16)
     torch.manual_seed(0)
     ref = longformer.LongformerModel(tiny(windows, attention_backend="dense")).to(DEVICE).eval()
     fast = longformer.LongformerModel(tiny(windows, attention_backend="sdpa")).to(DEVICE).eval()

@@ -91,4 +91,6 @@ def strided_band_attention(q, k, v, w: int, mask, k_global=None, v_global=None, 
     total = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))  # [B, H, L]
     probs = torch.exp(scores - total[..., None])
     out.mul_(torch.exp(lse - total).transpose(1, 2)[..., None])
-    return out.add_(torch.matmul(probs, v_global.transpose(1, 2)).transpose(1, 2))
+    for b in range(B):  # out[b] += probs[b] @ v_global[b], per head, written in place: [H, L, G] @ [H, G, D]
+        out[b].transpose(0, 1).baddbmm_(probs[b], v_global[b].transpose(0, 1))
+    return out
