@@ -5,7 +5,8 @@ from torch.nn.attention import SDPBackend
 
 import longformer
 from device import DEVICE, on_device
-from longformer.kernels.banded import key_windows, num_keys, window_mask
+from longformer.attention.masks import AttentionMasks, document_segments
+from longformer.kernels.banded import key_windows, num_keys, sliding_window_attention, window_mask
 from longformer.kernels.strided import strided_band_attention
 
 
@@ -114,6 +115,47 @@ def test_inference_kernel_matches_dense_reference(monkeypatch, windows, L, n_glo
         y = fast(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
     assert len(calls) == (len(windows) if DEVICE.type == "cpu" else 0)
+
+
+@pytest.mark.parametrize("w,L", [(3, 23), (40, 70), (50, 150)])
+@pytest.mark.parametrize("n_global", [0, 1, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_bf16_inference_kernel_matches_fp32(w, L, n_global, packed):
+    """In bf16 the strided band runs as explicit matmuls, the global keys' scores in rows of their own: on the
+    same inputs, the fp32 blocks kernel's output to bf16's precision, with padding, global tokens, odd lengths,
+    windows below and above the block size, and packed documents."""
+    ids, am, gm = (t.cpu() for t in make_batch(3, L, seed=L + n_global, n_global=n_global))
+    segments = document_segments(torch.arange(L).expand(3, L) // 17) if packed else None
+    masks = AttentionMasks(am.bool(), gm.bool(), segments=segments)
+    g = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(3, L, 4, 8, generator=g).bfloat16() for _ in range(3))
+    k_glob, v_glob = (masks.gather_global(x) if n_global else None for x in (k, v))
+    fp32 = lambda x: None if x is None else x.float()  # noqa: E731
+    with torch.no_grad():
+        out = strided_band_attention(q, k, v, w, masks.band_mask(w, torch.bfloat16), k_glob, v_glob)
+        ref = sliding_window_attention(fp32(q), fp32(k), fp32(v), w, masks.window_mask(w, torch.float32),
+                                       fp32(k_glob), fp32(v_glob))
+    real = masks.keep[:, :, None, None]
+    torch.testing.assert_close(out.float() * real, ref * real, atol=2e-2, rtol=0)
+
+
+def test_bf16_autocast_inference_runs_the_strided_kernel(monkeypatch):
+    """Under bf16 autocast without autograd the band goes through the strided kernel, and the model's output
+    stays that of the explicit kernel ("chunked") to bf16's precision."""
+    from longformer.attention import self_attention
+    calls = []
+    monkeypatch.setattr(self_attention, "strided_band_attention",
+                        lambda *a: calls.append(1) or strided_band_attention(*a))
+    torch.manual_seed(0)
+    fast = longformer.LongformerModel(tiny([6, 80], attention_backend="sdpa")).eval()
+    ref = longformer.LongformerModel(tiny([6, 80], attention_backend="chunked")).eval()
+    ref.load_state_dict(fast.state_dict())
+    ids, am, gm = (t.cpu() for t in make_batch(3, 70, seed=1, n_global=2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+        y_ref = ref(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+    assert len(calls) == 2
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "chunked"])

@@ -54,7 +54,8 @@ class AttentionMasks:
     def band_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask of strided_band_attention for window w, built once and shared like window_mask's."""
         if ("band", w, dtype) not in self._window_masks:
-            self._window_masks["band", w, dtype] = band_mask(self.keep, self.local_keys, w, dtype, self.segments)
+            self._window_masks["band", w, dtype] = band_mask(self.keep, self.local_keys, w, dtype, self.segments,
+                                                             self.global_allowed() if self.num_global else None)
         return self._window_masks["band", w, dtype]
 
     def global_allowed(self) -> torch.Tensor:
