@@ -2,13 +2,18 @@
 
 Under autocast, F.linear keeps the bf16 copy of its weight for the backward pass: 16.5 MB a layer of
 longformer-base and 77 MB for the tied vocabulary decoder, alive from the forward to the backward. This keeps
-the fp32 weight (a parameter, there anyway) and casts it again in backward. With an activation, linear(act(h))
-keeps h alone and computes act(h) again in backward: autograd would keep both h and act(h) [B, L,
-intermediate], a layer's two largest tensors (100 of its ~250 MB at 4,096 tokens in fp32), where act(h) costs
-one elementwise pass.
+the fp32 weight (a parameter, there anyway) and casts it again in backward, and keeps its input in autocast's
+dtype (the copy the matmul reads anyway: half of an fp32 input). With an activation, linear(act(h)) keeps h
+alone and computes act(h) again in backward: autograd would keep both h and act(h) [B, L, intermediate], a
+layer's two largest tensors (100 of its ~250 MB at 4,096 tokens in fp32), where act(h) costs one elementwise
+pass. On CPU the work goes a chunk of rows at a time (kernels/rows.py): act(h), its gradient and the gradient
+into it are then 12 MB pieces from the heap rather than 50 MB fresh mappings (0.12 GB less peak memory in a
+training step of longformer-base at 4,096 tokens).
 """
 import torch
 import torch.nn.functional as F
+
+from .rows import in_row_chunks, row_slices
 
 
 class ActLinear(torch.autograd.Function):
@@ -16,36 +21,43 @@ class ActLinear(torch.autograd.Function):
     def forward(ctx, h, weight, bias, act):
         device = h.device.type
         ctx.act, ctx.cast = act, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.input_dtype = h.dtype
+        if ctx.cast:
+            h = h.to(ctx.cast)
         ctx.save_for_backward(h, weight, bias)
-        a = h if act is None else act(h)
         if ctx.cast:  # cast here, rather than by autocast, whose cache would keep the copy to the end of the forward
-            a, weight, bias = a.to(ctx.cast), weight.to(ctx.cast), None if bias is None else bias.to(ctx.cast)
-        return F.linear(a, weight, bias)
+            weight, bias = weight.to(ctx.cast), None if bias is None else bias.to(ctx.cast)
+        return in_row_chunks(lambda x: F.linear(x if act is None else act(x), weight, bias), h)
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias = ctx.saved_tensors
         cast = (lambda t: t.to(ctx.cast)) if ctx.cast else (lambda t: t)  # noqa: E731
-        a = h
-        if ctx.act is not None:
+        hs, gs = h.flatten(0, -2), grad_out.flatten(0, -2)  # [N, in], [N, out]
+        grad_h = torch.empty_like(hs, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        w = cast(weight)
+        for rows in row_slices(hs.shape[0], hs.device):
             with torch.enable_grad():
-                h = h.detach().requires_grad_()
-                a = ctx.act(h)
-        grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.matmul(grad_out, cast(weight)).to(a.dtype)
-            grad_h = grad_a if ctx.act is None else torch.autograd.grad(a, h, grad_a)[0]
-        rows = grad_out.flatten(0, -2)  # [N, out]
-        if ctx.needs_input_grad[1]:
-            # Output features a chunk at a time: the product in autocast's dtype is never whole beside the
-            # fp32 gradient (77 + 154 MB for the vocabulary decoder).
-            a = cast(a.detach()).flatten(0, -2)
-            grad_w = torch.empty_like(weight)
-            for chunk, out in zip(rows.split(GRAD_CHUNK, dim=1), grad_w.split(GRAD_CHUNK)):
-                out.copy_(chunk.t() @ a)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0).to(bias.dtype)
-        return grad_h, grad_w, grad_b, None
+                x = hs[rows].detach().requires_grad_(ctx.act is not None)
+                a = x if ctx.act is None else ctx.act(x)
+            if grad_h is not None:
+                grad_a = torch.matmul(gs[rows], w).to(a.dtype)
+                grad_h[rows] = grad_a if ctx.act is None else torch.autograd.grad(a, x, grad_a)[0]
+            if grad_w is not None:
+                _add_weight_grad(grad_w, gs[rows], cast(a.detach()))
+        grad_b = gs.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None
+
+
+def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor):
+    """grad_w [out, in] += g^T @ a (g [n, out], a [n, in]), output features a chunk at a time: the product in
+    autocast's dtype is never whole beside the fp32 gradient (77 + 154 MB for the vocabulary decoder)."""
+    for chunk, out in zip(g.split(GRAD_CHUNK, dim=1), grad_w.split(GRAD_CHUNK)):
+        if out.dtype == chunk.dtype:
+            out.addmm_(chunk.t(), a)
+        else:
+            out += chunk.t() @ a
 
 
 GRAD_CHUNK = 4096  # output features per chunk of the weight gradient
