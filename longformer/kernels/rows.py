@@ -1,5 +1,7 @@
 """Per-token work on CPU a chunk of rows at a time: a layer's per-token part without autograd, and the linear
 layers of kernels/linear.py in training."""
+import math
+
 import torch
 
 # Tokens per chunk. A chunk's tensors ([1,024, 3,072] fp32 activations: 12 MB in longformer-base) are reused
@@ -20,7 +22,7 @@ def in_row_chunks(fn, *xs: torch.Tensor) -> torch.Tensor:
     """fn(*xs) for xs [*rows, *] and an fn that treats each row alone; without autograd on CPU, CHUNK_ROWS rows
     at a time, as fn(*[n, *]) and the results concatenated."""
     x = xs[0]
-    slices = row_slices(x.shape[:-1].numel(), x.device)
+    slices = row_slices(math.prod(x.shape[:-1]), x.device)  # not Size.numel(), which export would specialize
     if torch.is_grad_enabled() or len(slices) == 1:
         return fn(*xs)
     flat = [t.flatten(0, -2) for t in xs]  # [*rows, C] -> [N, C]
