@@ -35,9 +35,9 @@ class ActLinear(torch.autograd.Function):
         cast = (lambda t: t.to(ctx.cast)) if ctx.cast else (lambda t: t)  # noqa: E731
         hs, gs = h.flatten(0, -2), grad_out.flatten(0, -2)  # [N, in], [N, out]
         grad_h = torch.empty_like(hs, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # written by the first chunk
         w = cast(weight)
-        for rows in row_slices(hs.shape[0], hs.device):
+        for i, rows in enumerate(row_slices(hs.shape[0], hs.device)):
             with torch.enable_grad():
                 x = hs[rows].detach().requires_grad_(ctx.act is not None)
                 a = x if ctx.act is None else ctx.act(x)
@@ -45,17 +45,20 @@ class ActLinear(torch.autograd.Function):
                 grad_a = torch.matmul(gs[rows], w).to(a.dtype)
                 grad_h[rows] = grad_a if ctx.act is None else torch.autograd.grad(a, x, grad_a)[0]
             if grad_w is not None:
-                _add_weight_grad(grad_w, gs[rows], cast(a.detach()))
+                _add_weight_grad(grad_w, gs[rows], cast(a.detach()), first=i == 0)
         grad_b = gs.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None
 
 
-def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor):
-    """grad_w [out, in] += g^T @ a (g [n, out], a [n, in]), output features a chunk at a time: the product in
+def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, first: bool):
+    """grad_w [out, in] += g^T @ a (g [n, out], a [n, in]; where first, grad_w = g^T @ a, its old contents
+    unread: no zeroed gradient the size of the weight), output features a chunk at a time: the product in
     autocast's dtype is never whole beside the fp32 gradient (77 + 154 MB for the vocabulary decoder)."""
     for chunk, out in zip(g.split(GRAD_CHUNK, dim=1), grad_w.split(GRAD_CHUNK)):
         if out.dtype == chunk.dtype:
-            out.addmm_(chunk.t(), a)
+            out.addmm_(chunk.t(), a, beta=0 if first else 1)
+        elif first:
+            out.copy_(chunk.t() @ a)
         else:
             out += chunk.t() @ a
 
