@@ -64,15 +64,23 @@ def test_window_mask_is_the_band():
     assert S == 16  # 3w = 9 keys, padded to a multiple of 8
     mask = window_mask(keep, keep, w, torch.float32).view(-1, w, S) == 0  # [nc, w, S] allowed
     pos = key_windows(torch.arange(L)[None] + 1, w)[0] - 1  # key positions per block, -1 = outside or slack
-    for c in range(mask.shape[0]):
-        for a in range(w):
-            i = c * w + a
-            if i >= L:  # the padded tail of the last block: never an empty row, it sees at least its own slot
-                assert mask[c, a, w + a]
+    assert_each_query_sees_its_window(mask, lambda c, s: int(pos[c, s]), L, w)
+    assert not mask[:, :, 3 * w:].any()
+
+
+def assert_each_query_sees_its_window(allowed, key_at, L: int, w: int):
+    """allowed [nc, n, S] bool (block c's query a may see slot s), key_at(c, s) the position slot s of block c
+    holds: every query sees exactly the keys within ±w; the padded tail of the last block, never an empty
+    row, sees at least its own slot."""
+    n = allowed.shape[1]
+    for c in range(allowed.shape[0]):
+        for a in range(n):
+            i = c * n + a
+            if i >= L:
+                assert allowed[c, a, w + a]
                 continue
-            seen = sorted(int(p) for p, ok in zip(pos[c], mask[c, a]) if ok and p >= 0)
-            assert seen == [j for j in range(L) if abs(i - j) <= w], (i, seen)
-            assert not mask[c, a, 3 * w:].any()
+            seen = sorted(key_at(c, s) for s in range(allowed.shape[2]) if allowed[c, a, s])
+            assert seen == [j for j in range(L) if abs(i - j) <= w], (L, w, i, seen)
 
 
 def test_strided_band_mask_is_the_band():
@@ -83,14 +91,7 @@ def test_strided_band_mask_is_the_band():
     for L, w in ((2 * n + 5, 3), (3 * n - 1, n + 7)):
         keep = torch.ones(1, L, dtype=torch.bool)
         mask = strided.band_mask(keep, keep, w, torch.float32)[0, :, 0] == 0  # [nc, BLOCK, 2w + BLOCK] allowed
-        for c in range(mask.shape[0]):
-            for a in range(n):
-                i = c * n + a
-                if i >= L:  # the padded tail of the last block: never an empty row, it sees at least its own slot
-                    assert mask[c, a, w + a]
-                    continue
-                seen = [c * n - w + s for s in range(2 * w + n) if mask[c, a, s]]  # slot s holds key c*n - w + s
-                assert seen == [j for j in range(L) if abs(i - j) <= w], (L, w, i)
+        assert_each_query_sees_its_window(mask, lambda c, s: c * n - w + s, L, w)  # slot s holds key c*n - w + s
 
 
 @pytest.mark.parametrize("windows,L", [([2, 6, 10], 23), ([6, 80], 70), ([100, 64], 150)])

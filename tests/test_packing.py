@@ -70,14 +70,10 @@ def test_packed_documents_equal_documents_alone(backend, max_global_tokens):
     packed_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    for r, members in enumerate(ROWS):
-        at = 0
-        for d in members:
-            x, g = on_device(*docs[d])
-            alone = model(x[None], global_attention_mask=g[None]).last_hidden_state[0]
-            torch.testing.assert_close(packed[r, at:at + len(x)], alone, atol=1e-5, rtol=0)
-            (alone * projection(len(x), 10 * r + d)).sum().backward()
-            at += len(x)
+    for r, d, at, x, g in placed(docs):
+        alone = model(x[None], global_attention_mask=g[None]).last_hidden_state[0]
+        torch.testing.assert_close(packed[r, at:at + len(x)], alone, atol=1e-5, rtol=0)
+        (alone * projection(len(x), 10 * r + d)).sum().backward()
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
@@ -93,13 +89,19 @@ def test_packed_documents_equal_documents_alone_without_autograd():
     ids, am, gm, doc_ids = pack(docs, ROWS, L)
     with torch.no_grad():
         packed = model(ids, attention_mask=am, global_attention_mask=gm, document_ids=doc_ids).last_hidden_state
-        for r, members in enumerate(ROWS):
-            at = 0
-            for d in members:
-                x, g = on_device(*docs[d])
-                alone = model(x[None], global_attention_mask=g[None]).last_hidden_state[0]
-                torch.testing.assert_close(packed[r, at:at + len(x)], alone, atol=1e-5, rtol=0)
-                at += len(x)
+        for r, _, at, x, g in placed(docs):
+            alone = model(x[None], global_attention_mask=g[None]).last_hidden_state[0]
+            torch.testing.assert_close(packed[r, at:at + len(x)], alone, atol=1e-5, rtol=0)
+
+
+def placed(docs):
+    """(row, document, first position, ids, global mask) of every document of ROWS, on the device."""
+    for r, members in enumerate(ROWS):
+        at = 0
+        for d in members:
+            x, g = on_device(*docs[d])
+            yield r, d, at, x, g
+            at += len(x)
 
 
 def test_without_document_ids_documents_see_each_other():
