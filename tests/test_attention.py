@@ -359,6 +359,20 @@ def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(monkeypa
         torch.testing.assert_close(mine.float(), ref.float(), atol=1e-2 * ref.abs().max().item(), rtol=0)
 
 
+def test_act_linear_without_rows_gives_zero_gradients():
+    """No rows at all (a masked-LM batch with nothing predicted, logits at the labels only): an empty output,
+    and weight and bias gradients of zero, not whatever memory the gradient was written into."""
+    from longformer.kernels.linear import ActLinear
+    linear = torch.nn.Linear(12, 4)
+    h = torch.zeros(0, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ActLinear.apply(h, linear.weight, linear.bias, None)
+    out.float().sum().backward()
+    assert out.shape == (0, 4)
+    assert torch.equal(linear.weight.grad, torch.zeros_like(linear.weight))
+    assert torch.equal(linear.bias.grad, torch.zeros_like(linear.bias))
+
+
 @pytest.mark.parametrize("n", [1, 8, 13, 256 * 8])
 def test_decisions_packed_as_bits_unpack_to_the_same(n):
     """Every pattern of eight decisions (and lengths that are not a multiple of 8) survives packing."""

@@ -12,8 +12,10 @@ CHUNK_ROWS = 1024
 
 
 def row_slices(n: int, device: torch.device) -> list[slice]:
-    """Slices of n rows: CHUNK_ROWS at a time on CPU (outside torch.compile and export), all at once elsewhere."""
-    if device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    """Slices of n rows: CHUNK_ROWS at a time on CPU (outside torch.compile and export), all at once elsewhere,
+    and always at least one slice (empty where n is 0)."""
+    if (device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or n <= CHUNK_ROWS):  # last: a symbolic n compared would be a guard in export's graph
         return [slice(0, n)]
     return [slice(i, min(i + CHUNK_ROWS, n)) for i in range(0, n, CHUNK_ROWS)]
 
