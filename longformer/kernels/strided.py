@@ -48,7 +48,9 @@ def strided_band_applies(q: torch.Tensor, dropout_p: float, sdpa_backends: tuple
 
 
 def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
-    """x [B, L, *rest] -> [B, rows, *rest]: `before` zeros, x, zeros up to rows."""
+    """x [B, L, *rest] -> [B, rows, *rest]: `before` zeros, x, zeros up to rows (x itself where that is x)."""
+    if before == 0 and rows == x.shape[1]:
+        return x
     zeros = lambda n: x.new_zeros(x.shape[0], n, *x.shape[2:])  # noqa: E731
     return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
@@ -102,7 +104,7 @@ def strided_band_attention(q, k, v, w: int, mask, k_global=None, v_global=None, 
 def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
     B, L, H, D = q.shape
     nc = mask.shape[1]
-    qp = q if L == nc * BLOCK else _padded(q, 0, nc * BLOCK)
+    qp = _padded(q, 0, nc * BLOCK)
     kp, vp = (_padded(x, w, nc * BLOCK + 2 * w) for x in (k, v))
     out, lse = [], []
     for b in range(B):  # the windows are a view of one example's rows: a batch of examples is no single stride
@@ -127,7 +129,7 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
 def _explicit_band(q, k, v, w: int, mask, k_global, v_global):
     B, L, H, D = q.shape
     nc, G, S = mask.shape[1], 0 if k_global is None else k_global.shape[1], 2 * w + BLOCK
-    q = q * (1.0 / math.sqrt(D)) if L == nc * BLOCK else _padded(q * (1.0 / math.sqrt(D)), 0, nc * BLOCK)
+    q = _padded(q * (1.0 / math.sqrt(D)), 0, nc * BLOCK)
     kp, vp = (_padded(x, w, nc * BLOCK + 2 * w + G) for x in (k, v))  # G rows more: each window reads S + G
     out = q.new_empty(B, H, nc * BLOCK, D)
     per_group = max(1, GROUP_BYTES // ((S + G) * BLOCK * q.element_size()))
