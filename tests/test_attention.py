@@ -83,15 +83,17 @@ def assert_each_query_sees_its_window(allowed, key_at, L: int, w: int):
             assert seen == [j for j in range(L) if abs(i - j) <= w], (L, w, i, seen)
 
 
-def test_strided_band_mask_is_the_band():
-    """The CPU inference kernel's mask: each query sees exactly the keys within ±w, for windows smaller and
-    larger than its blocks."""
+@pytest.mark.parametrize("kernel", ["flash", "explicit"])
+def test_strided_band_mask_is_the_band(kernel):
+    """The CPU kernels' masks, query-major (flash) and key-major (explicit): each query sees exactly the keys
+    within ±w, for windows smaller and larger than their blocks."""
     from longformer.kernels import strided
-    n = strided.BLOCK
+    n = strided.BLOCKS[kernel]
     for L, w in ((2 * n + 5, 3), (3 * n - 1, n + 7)):
         keep = torch.ones(1, L, dtype=torch.bool)
-        mask = strided.band_mask(keep, keep, w, torch.float32)[0, :, 0] == 0  # [nc, BLOCK, 2w + BLOCK] allowed
-        assert_each_query_sees_its_window(mask, lambda c, s: c * n - w + s, L, w)  # slot s holds key c*n - w + s
+        mask = strided.band_mask(keep, keep, w, torch.float32, kernel)[0]
+        allowed = (mask[:, 0] if kernel == "flash" else mask.transpose(1, 2)) == 0  # [nc, n, 2w + n]
+        assert_each_query_sees_its_window(allowed, lambda c, s: c * n - w + s, L, w)  # slot s holds key c*n - w + s
 
 
 @pytest.mark.parametrize("windows,L", [([2, 6, 10], 23), ([6, 80], 70), ([100, 64], 150)])
@@ -118,26 +120,38 @@ def test_inference_kernel_matches_dense_reference(monkeypatch, windows, L, n_glo
     assert len(calls) == (len(windows) if DEVICE.type == "cpu" else 0)
 
 
-@pytest.mark.parametrize("w,L", [(3, 23), (40, 70), (50, 150)])
+@pytest.mark.parametrize("w,L", [(3, 23), (40, 70), (150, 400)])
 @pytest.mark.parametrize("n_global", [0, 1, 3])
 @pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
-def test_bf16_inference_kernel_matches_fp32(w, L, n_global, packed):
-    """In bf16 the strided band runs as explicit matmuls, the global keys' scores in rows of their own: on the
-    same inputs, the fp32 blocks kernel's output to bf16's precision, with padding, global tokens, odd lengths,
-    windows below and above the block size, and packed documents."""
+def test_explicit_kernel_matches_the_blocks_kernel(w, L, n_global, packed):
+    """The CPU explicit kernel (training, dropout, bf16): in float64, the blocks kernel's outputs and gradients
+    (q, k, v, global keys and values); in bf16, its outputs and gradients to bf16's precision. With padding,
+    global tokens, odd lengths, windows below and above its blocks of 64, and packed documents."""
     ids, am, gm = (t.cpu() for t in make_batch(3, L, seed=L + n_global, n_global=n_global))
     segments = document_segments(torch.arange(L).expand(3, L) // 17) if packed else None
     masks = AttentionMasks(am.bool(), gm.bool(), segments=segments)
     g = torch.Generator().manual_seed(L)
-    q, k, v = (torch.randn(3, L, 4, 8, generator=g).bfloat16() for _ in range(3))
-    k_glob, v_glob = (masks.gather_global(x) if n_global else None for x in (k, v))
-    fp32 = lambda x: None if x is None else x.float()  # noqa: E731
-    with torch.no_grad():
-        out = strided_band_attention(q, k, v, w, masks.band_mask(w, torch.bfloat16), k_glob, v_glob)
-        ref = sliding_window_attention(fp32(q), fp32(k), fp32(v), w, masks.window_mask(w, torch.float32),
-                                       fp32(k_glob), fp32(v_glob))
+    q, k, v = (torch.randn(3, L, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    inputs = [q, k, v, *(masks.gather_global(x) if n_global else None for x in (k, v))]
     real = masks.keep[:, :, None, None]
-    torch.testing.assert_close(out.float() * real, ref * real, atol=2e-2, rtol=0)
+    weights = torch.randn(q.shape, generator=g, dtype=torch.float64) * real
+
+    def run(dtype, kernel):
+        xs = [None if x is None else x.to(dtype).requires_grad_() for x in inputs]
+        out = kernel(xs, dtype)
+        grads = torch.autograd.grad((out * weights.to(dtype)).sum(), [x for x in xs if x is not None])
+        return [out * real, *grads]
+
+    def explicit(xs, dtype):
+        return strided_band_attention("explicit", *xs[:3], w, masks.band_mask(w, dtype, "explicit"), *xs[3:])
+
+    def blocks(xs, dtype):
+        return sliding_window_attention(*xs[:3], w, masks.window_mask(w, dtype), *xs[3:], sdpa_backends=(SDPBackend.MATH,))
+
+    for mine, ref in zip(run(torch.float64, explicit), run(torch.float64, blocks)):
+        torch.testing.assert_close(mine, ref)
+    for mine, ref in zip(run(torch.bfloat16, explicit), run(torch.float32, blocks)):
+        torch.testing.assert_close(mine.float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_bf16_autocast_inference_runs_the_strided_kernel(monkeypatch):
@@ -230,40 +244,28 @@ def test_backend_can_be_switched_on_a_built_model(monkeypatch):
     assert called
 
 
-def grouped_inputs(B=2, L=11, H=2, D=3, G=2, w=3, dtype=torch.float64, seed=0):
-    """q, k, v [B, L, H, D], global keys and values [B, G, H, D] and the window mask of a padded batch."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, L, H, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
-    kg, vg = (torch.randn(B, G, H, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+@pytest.mark.parametrize("group_blocks", [1, 2, 100])
+def test_explicit_kernel_gradients_with_dropout(monkeypatch, group_blocks):
+    """The explicit kernel with dropout, in blocks of 4 queries taken in groups of 1, 2 or all blocks (windows
+    overlapping across groups): exact gradients (gradcheck, float64), with global keys and padding."""
+    from longformer.kernels import strided
+    monkeypatch.setitem(strided.BLOCKS, "explicit", 4)
+    B, L, H, D, w = 2, 11, 2, 3, 3
+    monkeypatch.setattr(strided, "GROUP_BYTES", group_blocks * (2 * w + 4 + 2) * 4 * 8)  # G = 2, float64
+    g = torch.Generator().manual_seed(0)
     keep = torch.arange(L)[None] < torch.tensor([L, L - 4])[:, None]  # the second example padded
     is_global = torch.zeros(B, L, dtype=torch.bool)
     is_global[:, 2] = is_global[0, 5] = True
-    mask = window_mask(keep, keep & ~is_global, w, dtype, torch.tensor([[True, True], [True, False]]))
-    return (q, k, v, kg, vg), mask
-
-
-@pytest.mark.parametrize("group_blocks", [1, 3, 100])
-def test_grouped_attention_gradients_and_no_dropout_equals_sdpa(monkeypatch, group_blocks):
-    """The CPU grouped kernel, in groups of 1, 3 or all query blocks (windows overlapping across groups): exact
-    gradients with dropout (gradcheck, float64) and, without dropout, the SDPA path's outputs and gradients."""
-    from longformer.kernels import banded
-    inputs, mask = grouped_inputs()
-    w, S = 3, mask.shape[-1]
-    monkeypatch.setattr(banded, "GROUP_BYTES", group_blocks * 2 * w * S * 8)  # H = 2, float64
+    masks = AttentionMasks(keep, is_global)
+    mask = masks.band_mask(w, torch.float64, "explicit")
+    inputs = [torch.randn(B, n, H, D, generator=g, dtype=torch.float64, requires_grad=True) for n in (L, L, L, 2, 2)]
 
     def with_dropout(*x):  # the same seeds at every call: gradcheck's finite differences need the same draws
         torch.manual_seed(0)
-        return banded.GroupedAttention.apply(*x, mask, w, 0.25)
+        return strided.ExplicitBand.apply(*x, mask, w, 0.25) * keep[:, :, None, None]
 
     # Backward reads the decisions forward drew (kept as bits): gradcheck fails unless they are the same.
     assert torch.autograd.gradcheck(with_dropout, inputs)
-    grouped = banded.GroupedAttention.apply(*inputs, mask, w, 0.0)[:, :11]
-    weights = torch.randn(grouped.shape, dtype=grouped.dtype)
-    expected = banded.sliding_window_attention(*inputs[:3], w, mask, *inputs[3:], sdpa_backends=(SDPBackend.MATH,))
-    torch.testing.assert_close(grouped, expected)
-    grads = torch.autograd.grad((grouped * weights).sum(), inputs)
-    for mine, ref in zip(grads, torch.autograd.grad((expected * weights).sum(), inputs)):
-        torch.testing.assert_close(mine, ref)
 
 
 def test_attention_dropout_drops_at_the_configured_rate():
@@ -277,29 +279,28 @@ def test_attention_dropout_drops_at_the_configured_rate():
     assert model.layers[0].attn.query.weight.grad is not None
 
 
-def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group(monkeypatch):
-    """Blocks go through the CPU grouped kernel in cache-sized groups (here of 2 blocks), decisions drawn for
-    the band's 2w + 1 window keys and the global key: over 10^6 of them the kept fraction is within 0.5% of
-    1 - p; each group draws its own decisions; a seed repeats them."""
-    from longformer.kernels import banded
+def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group():
+    """The explicit kernel's dropout: over 10^6 scores of the band's 2w + 1 window keys and the global key the
+    kept fraction is within 0.5% of 1 - p; each block (and group of blocks) draws its own decisions; a seed
+    repeats them."""
+    from longformer.kernels import strided
     H, w, p = 4, 32, 0.1
-    S = num_keys(w, 1)  # 104 slots: 65 window keys and 1 global key seen by each query
-    monkeypatch.setattr(banded, "GROUP_BYTES", 2 * H * w * S * 4)  # two blocks' scores
-    L = 124 * w  # 122 inner blocks x 4 heads x 32 queries x 66 keys: 10^6 scores
+    n = strided.BLOCKS["explicit"]
+    L = 3968 + 2 * n  # 3,968 inner queries x 4 heads x (65 window keys + 1 global key): 10^6 scores
     q = torch.zeros(1, L, H, 8)  # every score equal: each output is the mean of kept / (1 - p) over its keys
     k, v, k_global, v_global = torch.randn(1, L, H, 8), torch.ones(1, L, H, 8), torch.randn(1, 1, H, 8), torch.ones(1, 1, H, 8)
-    keep = torch.ones(1, L, dtype=torch.bool)
-    mask = window_mask(keep, keep, w, torch.float32, torch.ones(1, 1, dtype=torch.bool))
+    masks = AttentionMasks(torch.ones(1, L, dtype=torch.bool))
+    mask = strided.band_mask(masks.keep, masks.local_keys, w, torch.float32, "explicit", None, torch.ones(1, L, 1, dtype=torch.bool))
 
     def attention():
-        return banded.GroupedAttention.apply(q, k, v, k_global, v_global, mask, w, p)[0, w:-w, :, 0]  # [inner, H]
+        return strided.ExplicitBand.apply(q, k, v, k_global, v_global, mask, w, p)[0, n:-n, :, 0]  # [inner, H]
 
     torch.manual_seed(0)
     out = attention()
     kept = float(out.mean()) * (1 - p)
     assert abs(kept - (1 - p)) < 0.005 * (1 - p), kept
-    blocks = out.unflatten(0, (-1, w))
-    assert all(not torch.equal(blocks[0], blocks[c]) for c in range(1, len(blocks)))  # no group repeats another
+    blocks = out.unflatten(0, (-1, n))
+    assert all(not torch.equal(blocks[0], blocks[c]) for c in range(1, len(blocks)))  # no block repeats another
     torch.manual_seed(0)
     assert torch.equal(attention(), out)
 

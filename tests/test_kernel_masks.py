@@ -55,8 +55,16 @@ def nan_for_empty_rows(q, k, v, attn_mask=None, **kw):
     return out.masked_fill(empty, float("nan"))
 
 
+@pytest.fixture
+def blocks_of_w(monkeypatch):
+    """The band through banded.sliding_window_attention's blocks and SDPA, as on CUDA, on CPU too (where
+    kernels/strided.py runs it in eager mode)."""
+    from longformer.attention import self_attention
+    monkeypatch.setattr(self_attention, "band_kernel", lambda *args: None)
+
+
 @pytest.mark.parametrize("n_global", [(0, 0, 0), (2, 1, 0)])
-def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monkeypatch, n_global):
+def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monkeypatch, blocks_of_w, n_global):
     """Lengths 41/6/1 with windows of 2 and 4: most padding queries are far from any real token."""
     torch.manual_seed(0)
     model = longformer.LongformerModel(tiny([4, 8])).to(DEVICE)
@@ -80,22 +88,16 @@ def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monke
 
 @pytest.mark.parametrize("windows,n_global", [([2, 6], 1), ([2, 6], 3), ([10], 0), ([14, 4], 2)])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, windows, n_global, autocast):
-    """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8. Seen where
-    the band's kernel is chosen (SDPA on CUDA; on CPU bf16 runs the grouped explicit kernel instead)."""
+def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, blocks_of_w, windows, n_global, autocast):
+    """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8."""
     calls = []
-    real_attend, real_grouped = banded.attend, banded.GroupedAttention.apply
+    real_attend = banded.attend
 
     def spy(q, k, v, mask, *args):
         calls.append((q.dtype, k.shape[-2], mask))
         return real_attend(q, k, v, mask, *args)
 
-    def spy_grouped(q, k, v, k_global, v_global, mask, w, *args):  # it builds windows of num_keys(w, G) keys
-        calls.append((q.dtype, banded.num_keys(w, 0 if k_global is None else k_global.shape[1]), mask))
-        return real_grouped(q, k, v, k_global, v_global, mask, w, *args)
-
     monkeypatch.setattr(banded, "attend", spy)
-    monkeypatch.setattr(banded.GroupedAttention, "apply", spy_grouped)
     model = longformer.LongformerForMaskedLM(tiny(windows)).to(DEVICE)
     ids, am, gm = mixed_batch([23, 17], 23, (n_global, n_global))
     with torch.autocast(DEVICE.type, dtype=autocast or torch.float32, enabled=autocast is not None):
@@ -122,7 +124,7 @@ def test_sdpa_backends_are_chosen_per_device_and_overridable(monkeypatch):
         tiny([4], sdpa_backends="flash,turbo")
 
 
-def test_the_configured_backend_is_the_one_enabled_at_the_call(monkeypatch):
+def test_the_configured_backend_is_the_one_enabled_at_the_call(monkeypatch, blocks_of_w):
     """sdpa_backends='math' really restricts the call (and changes no number beyond rounding)."""
     seen = []
 

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..kernels import (choose_backends, global_query_attention, sliding_window_attention, strided_band_applies,
+from ..kernels import (band_kernel, choose_backends, global_query_attention, sliding_window_attention,
                        strided_band_attention)
 from ..kernels.linear import linear
 from .dense import dense_attention
@@ -43,9 +43,10 @@ class LongformerSelfAttention(nn.Module):
         k_glob = v_glob = None
         if masks.num_global:
             k_glob, v_glob = masks.gather_global(k), masks.gather_global(v)  # [B, G, H, D]
-        if strided_band_applies(q, dropout_p, sdpa):
-            out = strided_band_attention(q, k, v, w, masks.band_mask(w, q.dtype), k_glob, v_glob,
-                                         masks.global_allowed() if masks.num_global else None)
+        kernel = band_kernel(q, dropout_p, sdpa)
+        if kernel:
+            out = strided_band_attention(kernel, q, k, v, w, masks.band_mask(w, q.dtype, kernel), k_glob, v_glob,
+                                         masks.global_allowed() if masks.num_global else None, dropout_p)
         else:
             out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
         if masks.num_global:

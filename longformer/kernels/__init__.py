@@ -2,7 +2,7 @@
 from .banded import sliding_window_attention, window_mask
 from .global_attention import global_query_attention
 from .sdpa import choose_backends
-from .strided import band_mask, strided_band_applies, strided_band_attention
+from .strided import band_kernel, band_mask, strided_band_attention
 
-__all__ = ["band_mask", "choose_backends", "global_query_attention", "sliding_window_attention",
-           "strided_band_applies", "strided_band_attention", "window_mask"]
+__all__ = ["band_kernel", "band_mask", "choose_backends", "global_query_attention", "sliding_window_attention",
+           "strided_band_attention", "window_mask"]

@@ -6,7 +6,8 @@ appended to every window) under one static band pattern. That is a batch of smal
 scores never exceed [w, 3w + G] per block, memory is linear in L, and the whole thing is a single call
 of torch's scaled_dot_product_attention (fused: scores and probabilities never reach memory), or of the
 explicit matmul-softmax-matmul below where SDPA is unwanted. L need not be a multiple of w: the last
-block is padded here and the padding is cut from the output.
+block is padded here and the padding is cut from the output. These blocks serve CUDA, torch.compile and
+export, and the "chunked" backend; on CPU in eager mode kernels/strided.py runs the band instead.
 """
 import math
 
@@ -14,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .dropout import draw_keep, pack_keep, unpack_keep
 
 
 def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
@@ -105,163 +105,6 @@ def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: tor
     return mask.view(B * nc, 1, w, S)
 
 
-class GroupedAttention(torch.autograd.Function):
-    """Band attention on CPU, query blocks taken in cache-sized groups, with dropout softmax(q k^T / sqrt(D)
-    + mask) * keep / (1 - p) @ v: where the fused kernel takes no dropout, and in bf16/fp16, where it is
-    slower (65 against 49 ms a layer of longformer-base at 4,096 tokens).
-
-    It keeps only q, k and v (head-major, one copy each) and its dropout decisions as bits. Each group's key
-    windows and probabilities are built again in backward: the windows are 3x the size of k and v, which a
-    fused kernel would keep, and torch's unfused fallback would keep them with every block's scores and a
-    byte per dropout decision. Scales are applied to the small tensors (q, v, gradients) rather than to the
-    [H, n, w, S] ones.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float):
-        """q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D] or None; mask [B * nc, 1, w, S].
-        Returns [B, nc * w, H, D] (the tail of the last block is cut by the caller)."""
-        B, L, H, D = q.shape
-        nc = num_blocks(L, w)
-        qh = _head_major(q, w, 0)  # [B, H, nc * w, D]
-        kh, vh = _head_major(k, w, 1), _head_major(v, w, 1)  # [B, H, (nc + 2) * w, D]: a zero block each side
-        kgh, vgh = _head_major(k_global), _head_major(v_global)  # [B, H, G, D] or None
-        groups = _groups(B, nc, H * w * mask.shape[-1] * q.element_size())
-        out = q.new_empty(B, nc * w, H, D)
-        decisions = []  # per group, packed as bits
-        for b, c0, c1 in groups:
-            qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
-            probs = _probs(qg, kg, mg)
-            if dropout_p:
-                keep = _band_keep(probs.shape, w, 0 if kgh is None else kgh.shape[2], dropout_p, q.device)
-                probs.mul_(_factor(keep, probs.dtype))
-                vg.mul_(1.0 / (1.0 - dropout_p))
-                decisions.append(pack_keep(keep))
-            _blocks(out, w, b, c0, c1).copy_(torch.matmul(probs, vg))
-        ctx.save_for_backward(qh, kh, vh, kgh, vgh, mask, *decisions)
-        ctx.w, ctx.nc, ctx.groups, ctx.dropout_p, ctx.q_shape = w, nc, groups, dropout_p, q.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qh, kh, vh, kgh, vgh, mask, *decisions = ctx.saved_tensors
-        w, nc, p = ctx.w, ctx.nc, ctx.dropout_p
-        grad_q = torch.empty_like(qh)  # every block written once; the windows overlap: k and v summed into zeros
-        grad_k, grad_v = torch.zeros_like(kh), torch.zeros_like(vh)
-        grad_kg = None if kgh is None else torch.zeros_like(kgh)
-        grad_vg = None if vgh is None else torch.zeros_like(vgh)
-        sm_scale = 1.0 / math.sqrt(qh.shape[-1])
-        for i, (b, c0, c1) in enumerate(ctx.groups):
-            qg, kg, vg, mg = _group(qh, kh, vh, kgh, vgh, mask, w, nc, b, c0, c1)
-            probs = _probs(qg, kg, mg)
-            go = _blocks(grad_out, w, b, c0, c1).contiguous()  # [H, n, w, D]
-            kept = None
-            if p:
-                kept = _factor(unpack_keep(decisions[i], probs.shape), probs.dtype)
-                go.mul_(1.0 / (1.0 - p))
-            gv = torch.matmul((probs if kept is None else probs * kept).transpose(-1, -2), go)  # [H, n, S, D]
-            grad_probs = torch.matmul(go, vg.transpose(-1, -2))
-            if kept is not None:
-                grad_probs.mul_(kept)
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            grad_q[b, :, c0 * w:c1 * w].view_as(qg).copy_(torch.matmul(grad_scores, kg).mul_(sm_scale))
-            gk = torch.matmul(grad_scores.transpose(-1, -2), qg).mul_(sm_scale)  # [H, n, S, D]
-            _fold_windows(grad_k, grad_kg, gk, w, b, c0, c1)
-            _fold_windows(grad_v, grad_vg, gv, w, b, c0, c1)
-        B, L, H, D = ctx.q_shape
-        unpad = lambda g, first: g.narrow(2, first, L).transpose(1, 2)  # noqa: E731  [B, H, *, D] -> [B, L, H, D]
-        return (unpad(grad_q, 0), unpad(grad_k, w), unpad(grad_v, w),
-                None if grad_kg is None else grad_kg.transpose(1, 2), None if grad_vg is None else grad_vg.transpose(1, 2),
-                None, None, None)
-
-
-def _head_major(x, w: int | None = None, pad: int = 0):
-    """x [B, L, H, D] -> [B, H, (pad + nc + pad) * w, D] contiguous, with `pad` zero blocks either side and
-    zeros up to whole blocks; without w, x [B, G, H, D] -> [B, H, G, D]. None stays None."""
-    if x is None:
-        return None
-    if w is not None:
-        x = _pad_blocks(x, w, pad, pad)
-    return contiguous(x.transpose(1, 2))
-
-
-def _groups(B: int, nc: int, block_bytes: int) -> list[tuple[int, int, int]]:
-    """(example, first block, end block) for groups of query blocks whose scores take about GROUP_BYTES."""
-    n = max(1, GROUP_BYTES // block_bytes)
-    return [(b, c0, min(c0 + n, nc)) for b in range(B) for c0 in range(0, nc, n)]
-
-
-def _blocks(x, w: int, b: int, c0: int, c1: int):
-    """x [B, nc * w, H, D] -> the view [H, n, w, D] of example b's blocks c0 .. c1 - 1."""
-    return x[b, c0 * w:c1 * w].unflatten(0, (c1 - c0, w)).permute(2, 0, 1, 3)
-
-
-def _group(qh, kh, vh, kgh, vgh, mask, w: int, nc: int, b: int, c0: int, c1: int):
-    """One group's q [H, n, w, D], key and value windows [H, n, S, D], and mask [1, n, w, S]."""
-    S, n = mask.shape[-1], c1 - c0
-    qg = qh[b, :, c0 * w:c1 * w].unflatten(1, (n, w)).contiguous()
-    kg, vg = (_windows(x[b], None if g is None else g[b], w, c0, c1, S) for x, g in ((kh, kgh), (vh, vgh)))
-    return qg, kg, vg, mask[b * nc + c0:b * nc + c1].transpose(0, 1)
-
-
-def _windows(xh, xg, w: int, c0: int, c1: int, S: int):
-    """xh [H, (nc + 2) * w, D] (a zero block either side), xg [H, G, D] or None -> [H, n, S, D]: for blocks
-    c0 .. c1 - 1, blocks c - 1, c, c + 1, the global keys, zeros up to S."""
-    n, H, D = c1 - c0, xh.shape[0], xh.shape[-1]
-    xb = xh[:, c0 * w:(c1 + 2) * w].unflatten(1, (n + 2, w))  # [H, n + 2, w, D]
-    parts = [xb[:, :-2], xb[:, 1:-1], xb[:, 2:]]
-    if xg is not None:
-        parts.append(xg[:, None].expand(H, n, *xg.shape[1:]))
-    slack = S - 3 * w - (0 if xg is None else xg.shape[1])
-    if slack:
-        parts.append(xh.new_zeros(H, n, slack, D))
-    return torch.cat(parts, dim=2)
-
-
-def _fold_windows(grad, grad_global, g, w: int, b: int, c0: int, c1: int):
-    """Adds the windows' gradient g [H, n, S, D] back to the keys it came from: grad [B, H, (nc + 2) * w, D]
-    (padded as _windows reads it) and grad_global [B, H, G, D]."""
-    n = c1 - c0
-    xb = grad[b, :, c0 * w:(c1 + 2) * w].unflatten(1, (n + 2, w))  # [H, n + 2, w, D]
-    for i in range(3):  # block c - 1 + i of each window; consecutive windows overlap, hence one add at a time
-        xb[:, i:i + n] += g[:, :, i * w:(i + 1) * w]
-    if grad_global is not None:
-        grad_global[b] += g[:, :, 3 * w:3 * w + grad_global.shape[2]].sum(1)
-
-
-def _probs(q, k, mask):
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2)).add_(mask)
-    # In q's dtype: CPU's bf16 softmax sums in fp32 itself, and rounds as an fp32 softmax cast back would
-    # (one ulp apart in 1 of 80,000 probabilities), 7x faster than that fp32 pass and its cast.
-    return torch.softmax(scores, dim=-1)
-
-
-def _band_keep(shape: tuple, w: int, G: int, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout decisions for a group's scores [H, n, w, S], drawn only where the band lets a query see a key:
-    row a's window keys a .. a + 2w and the G global keys, 2w + 1 + G of the S slots (66% for longformer-base).
-    The other slots hold False: their probabilities are 0, and stay 0 whatever is decided there."""
-    H, n, _, S = shape
-    keep = torch.zeros(shape, dtype=torch.bool, device=device)
-    # Row a's slot a + j sits at a * S + a + j = a * (S + 1) + j of its block: rows S + 1 apart, j from 0 to 2w.
-    keep.as_strided((H, n, w, 2 * w + 1), (n * w * S, w * S, S + 1, 1)).copy_(draw_keep((H, n, w, 2 * w + 1), p, device))
-    if G:
-        keep[..., 3 * w:3 * w + G] = draw_keep((H, n, w, G), p, device)
-    return keep
-
-
-def _factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """1.0 where kept, 0.0 where dropped. Through a uint8 view: converting bool directly, or multiplying by
-    it, is an unvectorized cast here, 6-8x slower than this and a multiply."""
-    return keep.view(torch.uint8).to(dtype)
-
-
-# Query blocks per group: the group's [H, n, w, S] scores and probabilities stay in cache up to about this
-# size. Measured on a 2-core EPYC with 32 MB of L3, forward + backward: one block of longformer-base (9 MB)
-# at a time is 2.1x faster than all 16 blocks of 4,096 tokens in one call, and the time rises steeply past
-# ~20 MB a call; tiny blocks are grouped, so that Python's overhead stays small.
-GROUP_BYTES = 16 << 20
-
-
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
     (from sdpa.choose_backends); with None, explicit with an fp32 softmax."""
@@ -278,11 +121,8 @@ def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
 def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None,
                              dropout_p: float = 0.0, sdpa_backends: tuple | None = None):
     """Local (+ global-key) attention. q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D]; mask from
-    window_mask; sdpa_backends as for attend, except that on CPU, with dropout or in half precision, the
-    grouped kernel runs instead. Returns [B, L, H, D]."""
+    window_mask; sdpa_backends as for attend. Returns [B, L, H, D]."""
     B, L, H, D = q.shape
-    if sdpa_backends is not None and q.device.type == "cpu" and (dropout_p or q.dtype != torch.float32):
-        return GroupedAttention.apply(q, k, v, k_global, v_global, mask, w, dropout_p).narrow(1, 0, L)
     nc = num_blocks(L, w)
     qb = _pad_blocks(q, w).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
     kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D], S = num_keys(w, G)

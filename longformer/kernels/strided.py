@@ -1,50 +1,51 @@
-"""Band attention for the CPU forward without autograd: key windows as overlapping views of k and v.
+"""Band attention on CPU in eager mode: key windows as overlapping views of k and v.
 
-Query block c (positions c*n .. c*n + n - 1, n = BLOCK) sees keys c*n - w .. c*n + n - 1 + w: 2w + n keys
+Query block c (positions c*n .. c*n + n - 1, n = BLOCKS[kernel]) sees keys c*n - w .. c*n + n - 1 + w: 2w + n keys
 that lie next to each other in k. With w zeros before k, block c's window starts at row c*n, so all the
-windows are one as_strided view [nc, 2w + n, H, D] of the padded k. Blocks of w queries against three copied
-key blocks (banded.key_windows) score 3w keys for the 2w + 1 each query may see; blocks of 32 score 2w + 32.
-Two kernels read the views, each where it is the faster (measured, one layer of longformer-base at 4,096
-tokens on a 2-core EPYC):
+windows are one as_strided view [nc, 2w + n, *] of the padded k. Blocks of w queries against three copied
+key blocks (banded.key_windows) score 3w keys for the 2w + 1 each query may see; blocks of 64 score 2w + 64.
+Two kernels read the views (measured, one layer of longformer-base at 4,096 tokens on a 2-core EPYC):
 
-- fp32: CPU's fused flash kernel (50 ms; the grouped kernel of banded.py 78-85). The global keys cannot be part
-  of the view; they are attended apart and merged through the log-sum-exp of each part, which the flash
-  kernel returns (the public SDPA does not): out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
-- bf16: explicit matmuls per head (29-33 ms; the flash kernel 51, the grouped kernel 48), over groups of
-  blocks whose scores stay in cache, the scores key-major [blocks, 2w + n + G, n]: the window is then the
-  first, untransposed operand of the first matmul and the right operand of the second. (oneDNN's bf16
-  matmul copies an operand that is neither contiguous nor transposed-contiguous, so each group's windows
-  are copied, in cache.) Each window is read G rows longer; those rows' scores are overwritten with the
-  global keys' scores, so that one softmax covers window and global keys.
+- "flash", fp32 without autograd or dropout: CPU's fused flash kernel (blocks of 32). The
+  global keys cannot be part of the view; they are attended apart and merged through the log-sum-exp of
+  each part, which the flash kernel returns (the public SDPA does not):
+  out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
+- "explicit", everything else (training, dropout, bf16): ExplicitBand (blocks of 64), matmuls per head over
+  groups of blocks whose scores stay in cache, the scores key-major [blocks, 2w + n + G, n]: the window is the
+  first, untransposed operand of the first matmul and the right operand of the second. Each group's
+  windows are copied into two reused buffers, with the G global keys (and values) in rows after them, so
+  that one matmul and one softmax cover window and global keys. (oneDNN's bf16 matmul copies an operand
+  that is neither contiguous nor transposed-contiguous anyway, into a fresh allocation each time.)
 """
 import math
 
 import torch
 from torch.nn.attention import SDPBackend
 
-# Queries per block, measured as above in fp32: 64 ms for blocks of 256 (the copied windows: 87), 57 for 128,
-# 52 for 64, 51 for 32, 57 for 16; in bf16 (explicit) 29 ms for 32 and for 64.
-BLOCK = 32
+from .dropout import draw_keep, pack_keep, unpack_keep
 
-# Blocks per matmul in the bf16 kernel: their scores take about this much, and stay in cache (measured 29 ms
-# a layer with 4 MB, 30-33 with 1, 2, 8 or 16 MB).
-GROUP_BYTES = 4 << 20
+# Queries per block, per kernel, and the explicit kernel's groups of blocks: their scores take about GROUP_BYTES
+# and stay in cache. Measured with benchmarks/band_kernels.py, one layer's band of longformer-base at 4,096
+# tokens on a 2-core EPYC, ms: flash (fp32, no autograd) 61-66 for blocks of 32, 59-62 for 64, 66-77 for 128;
+# explicit in training with dropout, blocks of 64 / 128 in groups of 2 MB: bf16 133 / 136 (4 MB: 139 / 141; the
+# blocks of w = 256 that training ran before: 197-202), fp32 249 / 257 (4 MB: 284 / 266; before: 330-354);
+# its bf16 forward 24 / 25 (before: 28-31).
+BLOCKS = {"flash": 32, "explicit": 64}
+GROUP_BYTES = 2 << 20
 
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def strided_band_applies(q: torch.Tensor, dropout_p: float, sdpa_backends: tuple | None) -> bool:
-    """Whether strided_band_attention runs: on CPU, in fp32 or bf16, without dropout or autograd, in eager
-    mode, and with the fused attention on (sdpa_backends="math" turns the fp32 kernel off, attention_backend
-    "chunked" both)."""
-    if q.dtype == torch.float32:
-        kernel_on = (_flash_with_lse is not None and bool(sdpa_backends)
-                     and sdpa_backends[0] == SDPBackend.FLASH_ATTENTION)
-    else:
-        kernel_on = q.dtype == torch.bfloat16 and sdpa_backends is not None
-    return (kernel_on and q.device.type == "cpu" and not dropout_p
-            and not (torch.is_grad_enabled() and q.requires_grad)
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()))
+def band_kernel(q: torch.Tensor, dropout_p: float, sdpa_backends: tuple | None) -> str | None:
+    """Which kernel of this file runs the band: "flash" (CPU, fp32, no dropout, no autograd, the fused kernel
+    first in sdpa_backends), "explicit" (the rest on CPU), or None (not on CPU, in torch.compile or export,
+    or attention_backend "chunked", whose sdpa_backends is None: banded.sliding_window_attention runs)."""
+    if (q.device.type != "cpu" or sdpa_backends is None
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return None
+    flash = (q.dtype == torch.float32 and not dropout_p and not (torch.is_grad_enabled() and q.requires_grad)
+             and _flash_with_lse is not None and sdpa_backends[0] == SDPBackend.FLASH_ATTENTION)
+    return "flash" if flash else "explicit"
 
 
 def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
@@ -55,34 +56,36 @@ def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
     return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
 
-def _windows(xp: torch.Tensor, nc: int, length: int) -> torch.Tensor:
-    """xp [R, *rest] (one example, padded) -> the view [nc, length, *rest] whose block c is rows c*BLOCK onwards."""
+def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor:
+    """xp [R, *rest] (one example, padded) -> the view [nc, length, *rest] whose block c is rows c * block onwards."""
     step = xp.stride(0)
-    return xp.as_strided((nc, length, *xp.shape[1:]), (BLOCK * step, step, *xp.stride()[1:]), xp.storage_offset())
+    return xp.as_strided((nc, length, *xp.shape[1:]), (block * step, step, *xp.stride()[1:]), xp.storage_offset())
 
 
-def band_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype,
+def band_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype, kernel: str,
               segments: torch.Tensor | None = None, global_allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask for strided_band_attention in dtype (keep, local_keys, segments as for banded.window_mask).
-    Query a of a block sees slots a .. a + 2w (|query - key| <= w); a query that is not a real token sees itself
-    (slot a + w), so that no row is empty. fp32 (the flash kernel): [B, nc, 1, BLOCK, S], S = 2w + BLOCK.
-    bf16 (explicit): key-major [B, nc, S + G, BLOCK], rows S .. S + G - 1 the global keys, which global_allowed
-    [B, L, G] (bool, or None for G = 0) says each query sees."""
+    """Additive mask for strided_band_attention's kernel ("flash" or "explicit", from band_kernel) in dtype
+    (keep, local_keys, segments as for banded.window_mask). Query a of a block sees slots a .. a + 2w
+    (|query - key| <= w); a query that is not a real token sees itself (slot a + w), so that no row is empty.
+    With n = BLOCKS[kernel] queries a block and S = 2w + n: flash [B, nc, 1, n, S]; explicit key-major
+    [B, nc, S + G, n], rows S .. S + G - 1 the global keys, which global_allowed [B, L, G] (bool, or None for
+    G = 0) says each query sees."""
     B, L = keep.shape
-    nc, S = -(-L // BLOCK), 2 * w + BLOCK
-    windows = lambda x: torch.stack([_windows(r, nc, S) for r in _padded(x, w, nc * BLOCK + 2 * w)])  # noqa: E731
-    a = torch.arange(BLOCK, device=keep.device)[:, None]
+    n = BLOCKS[kernel]
+    nc, S = -(-L // n), 2 * w + n
+    windows = lambda x: torch.stack([_windows(r, nc, n, S) for r in _padded(x, w, nc * n + 2 * w)])  # noqa: E731
+    a = torch.arange(n, device=keep.device)[:, None]
     b = torch.arange(S, device=keep.device)[None, :]
-    band = (b >= a) & (b <= a + 2 * w)  # [BLOCK, S]
-    allowed = band & windows(local_keys)[:, :, None, :]  # [B, nc, BLOCK, S]
+    band = (b >= a) & (b <= a + 2 * w)  # [n, S]
+    allowed = band & windows(local_keys)[:, :, None, :]  # [B, nc, n, S]
     if segments is not None:
-        allowed &= _padded(segments, 0, nc * BLOCK).view(B, nc, BLOCK, 1) == windows(segments)[:, :, None]
-    not_real = ~_padded(keep, 0, nc * BLOCK).view(B, nc, BLOCK, 1)
+        allowed &= _padded(segments, 0, nc * n).view(B, nc, n, 1) == windows(segments)[:, :, None]
+    not_real = ~_padded(keep, 0, nc * n).view(B, nc, n, 1)
     allowed |= not_real & (b == a + w)
-    if dtype == torch.float32:
+    if kernel == "flash":
         return _additive(allowed, dtype).unsqueeze(2)
     if global_allowed is not None:
-        allowed = torch.cat([allowed, _padded(global_allowed, 0, nc * BLOCK).view(B, nc, BLOCK, -1)], dim=-1)
+        allowed = torch.cat([allowed, _padded(global_allowed, 0, nc * n).view(B, nc, n, -1)], dim=-1)
     return _additive(allowed.transpose(-1, -2), dtype)
 
 
@@ -92,26 +95,27 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def strided_band_attention(q, k, v, w: int, mask, k_global=None, v_global=None, global_allowed=None):
-    """q, k, v [B, L, H, D] in fp32 or bf16; mask from band_mask; k_global, v_global [B, G, H, D] and
-    global_allowed [B, L, G] bool (which global keys each query sees; the fp32 kernel's), or None.
-    Returns [B, L, H, D]."""
-    if q.dtype == torch.float32:
+def strided_band_attention(kernel: str, q, k, v, w: int, mask, k_global=None, v_global=None, global_allowed=None,
+                           dropout_p: float = 0.0):
+    """q, k, v [B, L, H, D]; kernel from band_kernel and mask from band_mask for it; k_global, v_global
+    [B, G, H, D] and global_allowed [B, L, G] bool (which global keys each query sees; the flash kernel's), or
+    None. Returns [B, L, H, D]."""
+    if kernel == "flash":
         return _flash_band(q, k, v, w, mask, k_global, v_global, global_allowed)
-    return _explicit_band(q, k, v, w, mask, k_global, v_global)
+    return ExplicitBand.apply(q, k, v, k_global, v_global, mask, w, dropout_p)
 
 
 def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
     B, L, H, D = q.shape
-    nc = mask.shape[1]
-    qp = _padded(q, 0, nc * BLOCK)
-    kp, vp = (_padded(x, w, nc * BLOCK + 2 * w) for x in (k, v))
+    nc, n = mask.shape[1], mask.shape[3]
+    qp = _padded(q, 0, nc * n)
+    kp, vp = (_padded(x, w, nc * n + 2 * w) for x in (k, v))
     out, lse = [], []
     for b in range(B):  # the windows are a view of one example's rows: a batch of examples is no single stride
-        kw, vw = (_windows(x[b], nc, 2 * w + BLOCK).transpose(1, 2) for x in (kp, vp))  # [nc, H, S, D]
-        o, s = _flash_with_lse(qp[b].view(nc, BLOCK, H, D).transpose(1, 2), kw, vw, 0.0, False, attn_mask=mask[b])
-        out.append(o.transpose(1, 2).reshape(nc * BLOCK, H, D))  # o [nc, H, BLOCK, D], stored [nc, BLOCK, H, D]
-        lse.append(s.transpose(0, 1).reshape(H, nc * BLOCK))  # s [nc, H, BLOCK]
+        kw, vw = (_windows(x[b], nc, n, 2 * w + n).transpose(1, 2) for x in (kp, vp))  # [nc, H, S, D]
+        o, s = _flash_with_lse(qp[b].view(nc, n, H, D).transpose(1, 2), kw, vw, 0.0, False, attn_mask=mask[b])
+        out.append(o.transpose(1, 2).reshape(nc * n, H, D))  # o [nc, H, n, D], stored [nc, n, H, D]
+        lse.append(s.transpose(0, 1).reshape(H, nc * n))  # s [nc, H, n]
     out = (out[0][None] if B == 1 else torch.stack(out))[:, :L]  # [B, L, H, D]
     if k_global is None:
         return out
@@ -126,30 +130,112 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
     return out
 
 
-def _explicit_band(q, k, v, w: int, mask, k_global, v_global):
-    B, L, H, D = q.shape
-    nc, G, S = mask.shape[1], 0 if k_global is None else k_global.shape[1], 2 * w + BLOCK
-    q = _padded(q * (1.0 / math.sqrt(D)), 0, nc * BLOCK)
-    kp, vp = (_padded(x, w, nc * BLOCK + 2 * w + G) for x in (k, v))  # G rows more: each window reads S + G
-    out = q.new_empty(B, H, nc * BLOCK, D)
-    per_group = max(1, GROUP_BYTES // ((S + G) * BLOCK * q.element_size()))
+
+class ExplicitBand(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v over the band and the global keys, per head and
+    group of blocks. It keeps q, k and v (one padded, head-major copy each) and its dropout decisions as bits;
+    backward builds each group's windows and probabilities again. A window's gradient goes back to the keys
+    it was read from: consecutive windows overlap, so it is added a block at a time into an fp32 sum."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float):
+        B, L, H, D = q.shape
+        nc, n = mask.shape[1], mask.shape[3]
+        qh = _head_major(q, 0, nc * n).view(B, H, nc, n, D)
+        kh, vh = (_head_major(x, w, nc * n + 2 * w) for x in (k, v))  # [B, H, R, D]: w zeros first
+        kgh, vgh = (None if x is None else x.transpose(1, 2) for x in (k_global, v_global))  # [B, H, G, D]
+        out = q.new_empty(B, H, nc, n, D)
+        decisions = []  # per group, packed as bits
+        for b, h, blocks, kc, vc in _groups(kh, vh, kgh, vgh, w, nc, n):
+            probs = _probs(qh[b, h, blocks], kc, mask[b, blocks])
+            if dropout_p:
+                keep = draw_keep(probs.shape, dropout_p, q.device)
+                probs.mul_(_factor(keep, probs.dtype))
+                decisions.append(pack_keep(keep))
+            o = out[b, h, blocks]
+            torch.baddbmm(o, probs.transpose(1, 2), vc, beta=0, alpha=1.0 / (1.0 - dropout_p), out=o)
+        ctx.save_for_backward(qh, kh, vh, kgh, vgh, mask, *decisions)
+        ctx.w, ctx.dropout_p = w, dropout_p
+        return out.view(B, H, nc * n, D)[:, :, :L].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qh, kh, vh, kgh, vgh, mask, *decisions = ctx.saved_tensors
+        w, p = ctx.w, ctx.dropout_p
+        B, H, nc, n, D = qh.shape
+        L, S = grad_out.shape[1], 2 * w + n
+        go = _head_major(grad_out, 0, nc * n).view(qh.shape)
+        grad_q = torch.empty_like(qh)  # every block written once
+        acc = torch.promote_types(qh.dtype, torch.float32)
+        # The windows' gradients, summed block by block: the rows of kh, then whole blocks past its end.
+        grad_k, grad_v = (torch.zeros(B, H, nc + -(-S // n), n, D, dtype=acc) for _ in range(2))
+        grad_kg, grad_vg = (None if x is None else torch.zeros(x.shape, dtype=acc) for x in (kgh, vgh))
+        for i, (b, h, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
+            probs = _probs(qh[b, h, blocks], kc, mask[b, blocks])  # [m, S + G, n]
+            kept = _factor(unpack_keep(decisions[i], probs.shape), probs.dtype) if p else None
+            g = go[b, h, blocks]  # [m, n, D]
+            _fold(grad_v, grad_vg, torch.bmm(probs if kept is None else probs * kept, g), b, h, blocks.start, S)
+            grad_probs = torch.bmm(vc, g.transpose(1, 2))
+            if kept is not None:
+                grad_probs.mul_(kept)
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, 1, probs.dtype)
+            gq = grad_q[b, h, blocks]
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), kc, beta=0, alpha=1.0 / math.sqrt(D) / (1.0 - p), out=gq)
+            _fold(grad_k, grad_kg, torch.bmm(grad_scores, qh[b, h, blocks]), b, h, blocks.start, S)
+        # Dropout's 1 / (1 - p) multiplies every gradient (q's above), the softmax scale k's: applied to the sums
+        # in place, then cast to q's dtype, tokens first ([B, H, *, D] -> [B, *, H, D]).
+        factor_k, factor_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
+        final = lambda g, factor: None if g is None else g.mul_(factor).to(qh.dtype).transpose(1, 2)  # noqa: E731
+        tokens = lambda g: g.view(B, H, -1, D)[:, :, w:w + L]  # noqa: E731  k's rows, past the w zeros before them
+        return (grad_q.view(B, H, -1, D)[:, :, :L].transpose(1, 2), final(tokens(grad_k), factor_k),
+                final(tokens(grad_v), factor_v), final(grad_kg, factor_k), final(grad_vg, factor_v), None, None, None)
+
+
+def _head_major(x, before: int, rows: int):
+    """x [B, L, H, D] -> [B, H, rows, D] contiguous: `before` zeros, x, zeros up to rows."""
+    return _padded(x, before, rows).transpose(1, 2).contiguous()
+
+
+def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
+    """(example, head, blocks, keys, values) for groups of blocks (a slice) whose scores take about GROUP_BYTES;
+    keys and values [m, S + G, D] hold each block's window, then the G global keys (values), in two buffers
+    that every group reuses."""
+    B, H, _, D = kh.shape
+    G, S = 0 if kgh is None else kgh.shape[2], 2 * w + n
+    per_group = max(1, min(nc, GROUP_BYTES // ((S + G) * n * kh.element_size())))
+    buffers = [x.new_empty(per_group, S + G, D) for x in (kh, vh)]
     for b in range(B):
-        kw, vw = (_windows(x[b], nc, S + G) for x in (kp, vp))  # [nc, S + G, H, D]
-        if G:
-            global_scores = torch.matmul(q[b].transpose(0, 1), k_global[b].permute(1, 2, 0))  # [H, nc * BLOCK, G]
         for h in range(H):
+            windows = [_windows(x[b, h], nc, n, S) for x in (kh, vh)]  # [nc, S, D]
             for c0 in range(0, nc, per_group):
-                c1 = min(c0 + per_group, nc)
-                blocks = lambda x: x.unflatten(0, (c1 - c0, BLOCK))  # noqa: E731  [n * BLOCK, *] -> [n, BLOCK, *]
-                scores = torch.bmm(kw[c0:c1, :, h], blocks(q[b, c0 * BLOCK:c1 * BLOCK, h]).transpose(1, 2))
-                if G:  # [n, S + G, BLOCK]: the last G rows are the global keys' scores
-                    scores[:, S:] = blocks(global_scores[h, c0 * BLOCK:c1 * BLOCK]).transpose(1, 2)
-                probs = torch.softmax(scores.add_(mask[b, c0:c1]), dim=1)
-                o = blocks(out[b, h, c0 * BLOCK:c1 * BLOCK])  # [n, BLOCK, D]
-                if G:
-                    global_probs = probs[:, S:].transpose(1, 2).clone()  # [n, BLOCK, G]
-                    probs[:, S:] = 0  # those rows of vw are the next values in v, not the global ones
-                torch.bmm(probs.transpose(1, 2), vw[c0:c1, :, h], out=o)
-                if G:
-                    o.baddbmm_(global_probs, v_global[b, :, h].expand(c1 - c0, G, D))
-    return out.transpose(1, 2)[:, :L].contiguous()
+                blocks = slice(c0, min(c0 + per_group, nc))
+                m = blocks.stop - c0
+                for buf, win, glob in zip(buffers, windows, (kgh, vgh)):
+                    buf[:m, :S].copy_(win[blocks])
+                    if G:
+                        buf[:m, S:].copy_(glob[b, h].expand(m, G, D))
+                yield b, h, blocks, buffers[0][:m], buffers[1][:m]
+
+
+def _probs(q, keys, mask):
+    """q [m, n, D], keys [m, K, D], mask [m, K, n] -> probabilities key-major [m, K, n]: the mask added within
+    the matmul, the softmax over the keys in q's dtype (CPU's bf16 softmax sums in fp32)."""
+    scores = torch.baddbmm(mask, keys, q.transpose(1, 2), alpha=1.0 / math.sqrt(q.shape[-1]))
+    return torch.softmax(scores, dim=1)
+
+
+def _fold(grad, grad_global, g, b: int, h: int, c0: int, S: int):
+    """Adds the windows' gradient g [m, S + G, D] of blocks c0 .. c0 + m - 1 back to the rows they were read
+    from: grad [B, H, blocks, n, D] (window c starts at block c) and grad_global [B, H, G, D]."""
+    m, n = g.shape[0], grad.shape[3]
+    for i in range(0, S, n):  # block i // n of each window; consecutive windows overlap, hence a block at a time
+        rows = min(n, S - i)
+        grad[b, h, c0 + i // n:c0 + i // n + m, :rows] += g[:, i:i + rows]
+    if grad_global is not None:
+        grad_global[b, h] += g[:, S:].sum(0)
+
+
+def _factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1.0 where kept, 0.0 where dropped. Through a uint8 view: converting bool directly, or multiplying by
+    it, is an unvectorized cast here, 6-8x slower than this and a multiply."""
+    return keep.view(torch.uint8).to(dtype)
