@@ -68,6 +68,7 @@ class LongformerEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, C)
         self.norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
+        self.tied_to_decoder = False  # set by LongformerForMaskedLM: see forward
 
     def position_ids(self, input_ids, shape, device, segments=None):
         """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx.
@@ -85,7 +86,15 @@ class LongformerEmbeddings(nn.Module):
         return count * real + self.padding_idx
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        x = self.word(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            # Tied to the masked-LM decoder, whose dense gradient of the same weight comes first in backward,
+            # the lookup's gradient is sparse rows, added into it in place: no second [vocab, hidden] gradient
+            # (154 MB for longformer-base), zero-filled and faulted in afresh at every step. CPU, eager mode.
+            sparse = (self.tied_to_decoder and input_ids.device.type == "cpu"
+                      and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()))
+            x = F.embedding(input_ids, self.word.weight, self.padding_idx, sparse=sparse)
+        else:
+            x = inputs_embeds
         x = x + self.position(position_ids) + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
 
@@ -236,6 +245,7 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
         self.lm_head = LongformerLMHead(config, self.longformer.embeddings.word)
+        self.longformer.embeddings.tied_to_decoder = True
         self.lm_head.apply(self.init_weights)
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,

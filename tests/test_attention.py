@@ -279,6 +279,32 @@ def test_attention_dropout_drops_at_the_configured_rate():
     assert model.layers[0].attn.query.weight.grad is not None
 
 
+def test_autocast_band_keeps_no_q_k_v_and_projects_them_again(monkeypatch):
+    """Under bf16 autocast the CPU band keeps x (which the projections keep anyway) rather than q, k and v, and
+    projects them again in backward: exactly the gradients of keeping them, and no [B, L, H, D] tensor saved."""
+    from longformer.attention.self_attention import LongformerSelfAttention
+    torch.manual_seed(0)
+    model = longformer.LongformerModel(tiny([4, 80], attention_backend="sdpa"))
+    ids, am, gm = (t.cpu() for t in make_batch(3, 70, seed=2, n_global=2))
+
+    def grads():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, g = forward_backward(model, ids, am, gm)
+        model.zero_grad(set_to_none=True)
+        return {n: t.clone() for n, t in g.items() if t is not None}, shapes
+
+    projected, shapes = grads()
+    assert (3, 70, 3, 8) not in shapes
+    monkeypatch.setattr(LongformerSelfAttention, "_projections", lambda self, x: None)
+    kept, shapes = grads()
+    assert (3, 70, 3, 8) in shapes  # the check above can fail
+    assert projected.keys() == kept.keys()
+    for name in kept:
+        torch.testing.assert_close(projected[name], kept[name], atol=0, rtol=0, msg=name)
+
+
 def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_group():
     """The explicit kernel's dropout: over 10^6 scores of the band's 2w + 1 window keys and the global key the
     kept fraction is within 0.5% of 1 - p; each block (and group of blocks) draws its own decisions; a seed
