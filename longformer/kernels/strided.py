@@ -134,9 +134,10 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
 
 class ExplicitBand(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v over the band and the global keys, per head and
-    group of blocks. It keeps q, k and v (one padded, head-major copy each) and its dropout decisions as bits;
-    backward builds each group's windows and probabilities again. A window's gradient goes back to the keys
-    it was read from: consecutive windows overlap, so it is added a block at a time into an fp32 sum."""
+    group of blocks. It keeps q, k and v (or a function making them again) and its dropout decisions as bits;
+    backward builds the head-major copies, each group's windows and probabilities again. A window's gradient
+    goes back to the keys it was read from: consecutive windows overlap, so it is added a block at a time
+    into an fp32 sum."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float, project=None):
