@@ -10,9 +10,9 @@ Two kernels read the views (measured, one layer of longformer-base at 4,096 toke
   global keys cannot be part of the view; they are attended apart and merged through the log-sum-exp of
   each part, which the flash kernel returns (the public SDPA does not):
   out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
-- "explicit", everything else (training, dropout, bf16): ExplicitBand (blocks of 64), matmuls per head over
-  groups of blocks whose scores stay in cache, the scores key-major [blocks, 2w + n + G, n]: the window is the
-  first, untransposed operand of the first matmul and the right operand of the second. Each group's
+- "explicit", everything else (training, dropout, bf16): ExplicitBand (blocks of 64), matmuls for every head
+  over groups of blocks whose scores stay in cache, the scores key-major [blocks, H, 2w + n + G, n]: the window
+  is the first, untransposed operand of the first matmul and the right operand of the second. Each group's
   windows are copied into two reused buffers, with the G global keys (and values) in rows after them, so
   that one matmul and one softmax cover window and global keys. (oneDNN's bf16 matmul copies an operand
   that is neither contiguous nor transposed-contiguous anyway, into a fresh allocation each time.)
@@ -29,7 +29,9 @@ from .dropout import draw_keep, pack_keep, unpack_keep
 # tokens on a 2-core EPYC, ms: flash (fp32, no autograd) 61-66 for blocks of 32, 59-62 for 64, 66-77 for 128;
 # explicit in training with dropout, blocks of 64 / 128 in groups of 2 MB: bf16 133 / 136 (4 MB: 139 / 141; the
 # blocks of w = 256 that training ran before: 197-202), fp32 249 / 257 (4 MB: 284 / 266; before: 330-354);
-# its bf16 forward 24 / 25 (before: 28-31).
+# its bf16 forward 24 / 25 (before: 28-31). Those were a head at a time; every head at once (now), in one later
+# run against a head at a time: bf16 154 against 170, fp32 272 against 284; the demo model's step (4 heads,
+# w = 32, 16 x 256 tokens) 215 against 238 ms, the blocks of w 210.
 BLOCKS = {"flash": 32, "explicit": 64}
 GROUP_BYTES = 2 << 20
 
@@ -133,38 +135,39 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
 
 
 class ExplicitBand(torch.autograd.Function):
-    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v over the band and the global keys, per head and
-    group of blocks. It keeps q, k and v (or a function making them again) and its dropout decisions as bits;
-    backward builds the head-major copies, each group's windows and probabilities again. A window's gradient
-    goes back to the keys it was read from: consecutive windows overlap, so it is added a block at a time
-    into an fp32 sum."""
+    """softmax(q k^T / sqrt(D) + mask) * keep / (1 - p) @ v over the band and the global keys, every head at once
+    over groups of blocks. It keeps q, k and v (or a function making them again) and its dropout decisions as
+    bits; backward builds the block-major copies, each group's windows and probabilities again. A window's
+    gradient goes back to the keys it was read from: consecutive windows overlap, so it is added a block at a
+    time into an fp32 sum."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float, project=None):
         B, L, H, D = q.shape
         nc, n = mask.shape[1], mask.shape[3]
-        qh, kh, vh, kgh, vgh = _operands(q, k, v, k_global, v_global, w, nc, n)
-        out = q.new_empty(B, H, nc, n, D)
+        qb, kh, vh, kgh, vgh = _operands(q, k, v, k_global, v_global, w, nc, n)
+        out = torch.empty_like(qb)  # [B, nc, H, n, D]
         decisions = []  # per group, packed as bits
-        for b, h, blocks, kc, vc in _groups(kh, vh, kgh, vgh, w, nc, n):
-            probs = _probs(qh[b, h, blocks], kc, mask[b, blocks])
+        for b, blocks, kc, vc in _groups(kh, vh, kgh, vgh, w, nc, n):
+            probs = _probs(qb[b, blocks], kc, mask[b, blocks])
             if dropout_p:
                 keep = draw_keep(probs.shape, dropout_p, q.device)
                 probs.mul_(_factor(keep, probs.dtype))
                 decisions.append(pack_keep(keep))
-            o = out[b, h, blocks]
-            torch.baddbmm(o, probs.transpose(1, 2), vc, beta=0, alpha=1.0 / (1.0 - dropout_p), out=o)
+            o = out[b, blocks].flatten(0, 1)
+            torch.baddbmm(o, probs.flatten(0, 1).transpose(1, 2), vc.flatten(0, 1), beta=0,
+                          alpha=1.0 / (1.0 - dropout_p), out=o)
         # Kept as one tensor: a small allocation per group, alive until backward, would pin the heap pages
         # between them (measured +0.4 GB of peak RSS in an fp32 training step of longformer-base).
         ctx.group_bits = [len(d) for d in decisions]
         # q, k and v as they came (the linear layers' outputs), or nothing where project makes them again; their
-        # padded head-major copies are made again in backward. Keeping those copies instead put 3 new allocations
-        # a layer between the step's short-lived ones: +0.3 GB of peak RSS (fragmented heap) in an fp32 step of
+        # padded copies are made again in backward. Keeping those copies instead put 3 new allocations a layer
+        # between the step's short-lived ones: +0.3 GB of peak RSS (fragmented heap) in an fp32 step of
         # longformer-base.
         ctx.project, kept = project, () if project else (q, k, v)
         ctx.save_for_backward(k_global, v_global, mask, torch.cat(decisions) if decisions else None, *kept)
         ctx.w, ctx.dropout_p = w, dropout_p
-        return out.view(B, H, nc * n, D)[:, :, :L].transpose(1, 2)
+        return _tokens(out, 0, L)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -174,92 +177,94 @@ class ExplicitBand(torch.autograd.Function):
         decisions = bits.split(ctx.group_bits) if p else None
         B, L, H, D = q.shape
         nc, n = mask.shape[1], mask.shape[3]
-        qh, kh, vh, kgh, vgh = _operands(q, k, v, k_global, v_global, w, nc, n)
+        qb, kh, vh, kgh, vgh = _operands(q, k, v, k_global, v_global, w, nc, n)
         S = 2 * w + n
-        go = _head_major(grad_out, 0, nc * n).view(qh.shape)
-        grad_q = torch.empty_like(qh)  # every block written once
-        acc = torch.promote_types(qh.dtype, torch.float32)
+        go = _block_major(grad_out, nc, n)
+        grad_q = torch.empty_like(qb)  # every block written once
+        acc = torch.promote_types(qb.dtype, torch.float32)
         # The windows' gradients, summed block by block: the rows of kh, then whole blocks past its end.
-        grad_k, grad_v = (torch.zeros(B, H, nc + -(-S // n), n, D, dtype=acc) for _ in range(2))
+        grad_k, grad_v = (torch.zeros(B, nc + -(-S // n), H, n, D, dtype=acc) for _ in range(2))
         grad_kg, grad_vg = (None if x is None else torch.zeros(x.shape, dtype=acc) for x in (kgh, vgh))
-        for i, (b, h, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
-            probs = _probs(qh[b, h, blocks], kc, mask[b, blocks])  # [m, S + G, n]
+        flat = lambda x: x.flatten(0, 1)  # noqa: E731  [m, H, *] -> [m * H, *]
+        for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
+            probs = _probs(qb[b, blocks], kc, mask[b, blocks])  # [m, H, S + G, n]
             kept = _factor(unpack_keep(decisions[i], probs.shape), probs.dtype) if p else None
-            g = go[b, h, blocks]  # [m, n, D]
-            _fold(grad_v, grad_vg, torch.bmm(probs if kept is None else probs * kept, g), b, h, blocks.start, S)
-            grad_probs = torch.bmm(vc, g.transpose(1, 2))
+            g = flat(go[b, blocks])  # [m * H, n, D]
+            gv = torch.bmm(flat(probs if kept is None else probs * kept), g)
+            _fold(grad_v, grad_vg, gv.view(kc.shape), b, blocks.start, S)
+            grad_probs = torch.bmm(flat(vc), g.transpose(1, 2)).view(probs.shape)
             if kept is not None:
                 grad_probs.mul_(kept)
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, 1, probs.dtype)
-            gq = grad_q[b, h, blocks]
-            torch.baddbmm(gq, grad_scores.transpose(1, 2), kc, beta=0, alpha=1.0 / math.sqrt(D) / (1.0 - p), out=gq)
-            _fold(grad_k, grad_kg, torch.bmm(grad_scores, qh[b, h, blocks]), b, h, blocks.start, S)
+            grad_scores = flat(torch.ops.aten._softmax_backward_data(grad_probs, probs, 2, probs.dtype))
+            gq = flat(grad_q[b, blocks])
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=1.0 / math.sqrt(D) / (1.0 - p), out=gq)
+            _fold(grad_k, grad_kg, torch.bmm(grad_scores, flat(qb[b, blocks])).view(kc.shape), b, blocks.start, S)
         # Dropout's 1 / (1 - p) multiplies every gradient (q's above), the softmax scale k's: applied to the sums
-        # in place, then cast to q's dtype, tokens first ([B, H, *, D] -> [B, *, H, D]).
+        # in place, then cast to q's dtype.
         factor_k, factor_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
-        final = lambda g, factor: None if g is None else g.mul_(factor).to(qh.dtype).transpose(1, 2)  # noqa: E731
-        tokens = lambda g: g.view(B, H, -1, D)[:, :, w:w + L]  # noqa: E731  k's rows, past the w zeros before them
-        return (grad_q.view(B, H, -1, D)[:, :, :L].transpose(1, 2), final(tokens(grad_k), factor_k),
-                final(tokens(grad_v), factor_v), final(grad_kg, factor_k), final(grad_vg, factor_v), None, None, None, None)
+        keys = lambda g, factor: _tokens(g.mul_(factor), w, L).to(q.dtype)  # noqa: E731  past the w zeros before k
+        glob = lambda g, factor: None if g is None else g.mul_(factor).to(q.dtype).transpose(1, 2)  # noqa: E731
+        return (_tokens(grad_q, 0, L), keys(grad_k, factor_k), keys(grad_v, factor_v), glob(grad_kg, factor_k),
+                glob(grad_vg, factor_v), None, None, None, None)
 
 
 def _operands(q, k, v, k_global, v_global, w: int, nc: int, n: int):
-    """Head-major copies: q [B, H, nc, n, D] (zeros after it), k and v [B, H, nc * n + 2w, D] (w zeros before,
-    the rest after), and views of the global keys and values [B, H, G, D] (or None)."""
-    B, L, H, D = q.shape
-    qh = _head_major(q, 0, nc * n).view(B, H, nc, n, D)
-    kh, vh = (_head_major(x, w, nc * n + 2 * w) for x in (k, v))
+    """q block-major [B, nc, H, n, D] (zeros after it); k and v head-major [B, H, nc * n + 2w, D] (w zeros before,
+    the rest after), where each head's windows are a strided view; the global keys and values [B, H, G, D]."""
+    kh, vh = (_padded(x, w, nc * n + 2 * w).transpose(1, 2).contiguous() for x in (k, v))
     kgh, vgh = (None if x is None else x.transpose(1, 2) for x in (k_global, v_global))
-    return qh, kh, vh, kgh, vgh
+    return _block_major(q, nc, n), kh, vh, kgh, vgh
 
 
-def _head_major(x, before: int, rows: int):
-    """x [B, L, H, D] -> [B, H, rows, D] contiguous: `before` zeros, x, zeros up to rows (one pass over x)."""
+def _block_major(x, nc: int, n: int):
+    """x [B, L, H, D] -> [B, nc, H, n, D] contiguous, zeros after x."""
     B, L, H, D = x.shape
-    out = x.new_empty(B, H, rows, D)
-    out[:, :, :before].zero_()
-    out[:, :, before + L:].zero_()
-    out[:, :, before:before + L].copy_(x.transpose(1, 2))
-    return out
+    return _padded(x, 0, nc * n).view(B, nc, n, H, D).transpose(2, 3).contiguous()
+
+
+def _tokens(x, first: int, L: int):
+    """x [B, blocks, H, n, D] -> the view [B, L, H, D] of its rows first .. first + L - 1."""
+    B, nb, H, n, D = x.shape
+    return x.transpose(2, 3).reshape(B, nb * n, H, D)[:, first:first + L]
 
 
 def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
-    """(example, head, blocks, keys, values) for groups of blocks (a slice) whose scores take about GROUP_BYTES;
-    keys and values [m, S + G, D] hold each block's window, then the G global keys (values), in two buffers
-    that every group reuses."""
-    B, H, _, D = kh.shape
+    """(example, blocks, keys, values) for groups of blocks (a slice) whose scores, every head's, take about
+    GROUP_BYTES; keys and values [m, H, S + G, D] hold each block's window, then the G global keys (values), in
+    two buffers that every group reuses."""
+    B, H, R, D = kh.shape
     G, S = 0 if kgh is None else kgh.shape[2], 2 * w + n
-    per_group = max(1, min(nc, GROUP_BYTES // ((S + G) * n * kh.element_size())))
-    buffers = [x.new_empty(per_group, S + G, D) for x in (kh, vh)]
+    per_group = max(1, min(nc, GROUP_BYTES // (H * (S + G) * n * kh.element_size())))
+    buffers = [x.new_empty(per_group, H, S + G, D) for x in (kh, vh)]
     for b in range(B):
-        for h in range(H):
-            windows = [_windows(x[b, h], nc, n, S) for x in (kh, vh)]  # [nc, S, D]
-            for c0 in range(0, nc, per_group):
-                blocks = slice(c0, min(c0 + per_group, nc))
-                m = blocks.stop - c0
-                for buf, win, glob in zip(buffers, windows, (kgh, vgh)):
-                    buf[:m, :S].copy_(win[blocks])
-                    if G:
-                        buf[:m, S:].copy_(glob[b, h].expand(m, G, D))
-                yield b, h, blocks, buffers[0][:m], buffers[1][:m]
+        # [nc, H, S, D]: block c's window of head h starts at row c * n of that head
+        windows = [x[b].as_strided((nc, H, S, D), (n * D, R * D, D, 1), x[b].storage_offset()) for x in (kh, vh)]
+        for c0 in range(0, nc, per_group):
+            blocks = slice(c0, min(c0 + per_group, nc))
+            m = blocks.stop - c0
+            for buf, win, glob in zip(buffers, windows, (kgh, vgh)):
+                buf[:m, :, :S].copy_(win[blocks])
+                if G:
+                    buf[:m, :, S:].copy_(glob[b].expand(m, H, G, D))
+            yield b, blocks, buffers[0][:m], buffers[1][:m]
 
 
 def _probs(q, keys, mask):
-    """q [m, n, D], keys [m, K, D], mask [m, K, n] -> probabilities key-major [m, K, n]: the mask added within
-    the matmul, the softmax over the keys in q's dtype (CPU's bf16 softmax sums in fp32)."""
-    scores = torch.baddbmm(mask, keys, q.transpose(1, 2), alpha=1.0 / math.sqrt(q.shape[-1]))
-    return torch.softmax(scores, dim=1)
+    """q [m, H, n, D], keys [m, H, K, D], mask [m, K, n] -> probabilities key-major [m, H, K, n], the softmax
+    over the keys in q's dtype (CPU's bf16 softmax sums in fp32)."""
+    scores = torch.matmul(keys, q.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1])))
+    return torch.softmax(scores.add_(mask[:, None]), dim=2)
 
 
-def _fold(grad, grad_global, g, b: int, h: int, c0: int, S: int):
-    """Adds the windows' gradient g [m, S + G, D] of blocks c0 .. c0 + m - 1 back to the rows they were read
-    from: grad [B, H, blocks, n, D] (window c starts at block c) and grad_global [B, H, G, D]."""
+def _fold(grad, grad_global, g, b: int, c0: int, S: int):
+    """Adds the windows' gradient g [m, H, S + G, D] of blocks c0 .. c0 + m - 1 back to the rows they were read
+    from: grad [B, blocks, H, n, D] (window c starts at block c) and grad_global [B, H, G, D]."""
     m, n = g.shape[0], grad.shape[3]
     for i in range(0, S, n):  # block i // n of each window; consecutive windows overlap, hence a block at a time
         rows = min(n, S - i)
-        grad[b, h, c0 + i // n:c0 + i // n + m, :rows] += g[:, i:i + rows]
+        grad[b, c0 + i // n:c0 + i // n + m, :, :rows] += g[:, :, i:i + rows]
     if grad_global is not None:
-        grad_global[b, h] += g[:, S:].sum(0)
+        grad_global[b] += g[:, :, S:].sum(0)
 
 
 def _factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
