@@ -146,7 +146,8 @@ def test_explicit_kernel_matches_the_blocks_kernel(w, L, n_global, packed):
         return strided_band_attention("explicit", *xs[:3], w, masks.band_mask(w, dtype, "explicit"), *xs[3:])
 
     def blocks(xs, dtype):
-        return sliding_window_attention(*xs[:3], w, masks.window_mask(w, dtype), *xs[3:], sdpa_backends=(SDPBackend.MATH,))
+        return sliding_window_attention(*xs[:3], w, masks.window_mask(w, dtype), *xs[3:],
+                                        sdpa_backends=(SDPBackend.MATH,))
 
     for mine, ref in zip(run(torch.float64, explicit), run(torch.float64, blocks)):
         torch.testing.assert_close(mine, ref)
@@ -316,7 +317,8 @@ def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_gr
     q = torch.zeros(1, L, H, 8)  # every score equal: each output is the mean of kept / (1 - p) over its keys
     k, v, k_global, v_global = torch.randn(1, L, H, 8), torch.ones(1, L, H, 8), torch.randn(1, 1, H, 8), torch.ones(1, 1, H, 8)
     masks = AttentionMasks(torch.ones(1, L, dtype=torch.bool))
-    mask = strided.band_mask(masks.keep, masks.local_keys, w, torch.float32, "explicit", None, torch.ones(1, L, 1, dtype=torch.bool))
+    every_global = torch.ones(1, L, 1, dtype=torch.bool)
+    mask = strided.band_mask(masks.keep, masks.local_keys, w, torch.float32, "explicit", None, every_global)
 
     def attention():
         return strided.ExplicitBand.apply(q, k, v, k_global, v_global, mask, w, p)[0, n:-n, :, 0]  # [inner, H]

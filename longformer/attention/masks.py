@@ -54,8 +54,9 @@ class AttentionMasks:
     def band_mask(self, w: int, dtype: torch.dtype, kernel: str) -> torch.Tensor:
         """The mask of strided_band_attention's kernel for window w, built once and shared like window_mask's."""
         if (kernel, w, dtype) not in self._window_masks:
-            self._window_masks[kernel, w, dtype] = band_mask(self.keep, self.local_keys, w, dtype, kernel, self.segments,
-                                                             self.global_allowed() if self.num_global else None)
+            self._window_masks[kernel, w, dtype] = band_mask(
+                self.keep, self.local_keys, w, dtype, kernel, self.segments,
+                self.global_allowed() if self.num_global else None)
         return self._window_masks[kernel, w, dtype]
 
     def global_allowed(self) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 
-
 def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
     """x [B, L, *rest] -> [B, (before + nc + after) * w, *rest], nc = num_blocks(L, w): `before` blocks of zeros,
     x, zeros up to whole blocks, `after` blocks of zeros. Works for every dtype, bool included."""

@@ -1,7 +1,7 @@
 """Band attention on CPU in eager mode: key windows as overlapping views of k and v.
 
-Query block c (positions c*n .. c*n + n - 1, n = BLOCKS[kernel]) sees keys c*n - w .. c*n + n - 1 + w: 2w + n keys
-that lie next to each other in k. With w zeros before k, block c's window starts at row c*n, so all the
+Query block c (positions c*n .. c*n + n - 1, n = BLOCKS[kernel]) sees keys c*n - w .. c*n + n - 1 + w: 2w + n
+keys that lie next to each other in k. With w zeros before k, block c's window starts at row c*n, so all the
 windows are one as_strided view [nc, 2w + n, *] of the padded k. Blocks of w queries against three copied
 key blocks (banded.key_windows) score 3w keys for the 2w + 1 each query may see; blocks of 64 score 2w + 64.
 Two kernels read the views (measured, one layer of longformer-base at 4,096 tokens on a 2-core EPYC):
@@ -197,7 +197,8 @@ class ExplicitBand(torch.autograd.Function):
                 grad_probs.mul_(kept)
             grad_scores = flat(torch.ops.aten._softmax_backward_data(grad_probs, probs, 2, probs.dtype))
             gq = flat(grad_q[b, blocks])
-            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=1.0 / math.sqrt(D) / (1.0 - p), out=gq)
+            scale = 1.0 / math.sqrt(D) / (1.0 - p)
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=scale, out=gq)
             _fold(grad_k, grad_kg, torch.bmm(grad_scores, flat(qb[b, blocks])).view(kc.shape), b, blocks.start, S)
         # Dropout's 1 / (1 - p) multiplies every gradient (q's above), the softmax scale k's: applied to the sums
         # in place, then cast to q's dtype.
