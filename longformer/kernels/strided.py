@@ -185,6 +185,9 @@ class ExplicitBand(torch.autograd.Function):
         # The windows' gradients, summed block by block: the rows of kh, then whole blocks past its end.
         grad_k, grad_v = (torch.zeros(B, nc + -(-S // n), H, n, D, dtype=acc) for _ in range(2))
         grad_kg, grad_vg = (None if x is None else torch.zeros(x.shape, dtype=acc) for x in (kgh, vgh))
+        # Dropout's 1 / (1 - p) multiplies every gradient, the softmax scale q's and k's: q's in the matmul that
+        # writes it, k's and v's on their sums at the end, in place, before the cast to q's dtype.
+        factor_k, factor_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731  [m, H, *] -> [m * H, *]
         for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])  # [m, H, S + G, n]
@@ -197,12 +200,8 @@ class ExplicitBand(torch.autograd.Function):
                 grad_probs.mul_(kept)
             grad_scores = flat(torch.ops.aten._softmax_backward_data(grad_probs, probs, 2, probs.dtype))
             gq = flat(grad_q[b, blocks])
-            scale = 1.0 / math.sqrt(D) / (1.0 - p)
-            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=scale, out=gq)
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=factor_k, out=gq)
             _fold(grad_k, grad_kg, torch.bmm(grad_scores, flat(qb[b, blocks])).view(kc.shape), b, blocks.start, S)
-        # Dropout's 1 / (1 - p) multiplies every gradient (q's above), the softmax scale k's: applied to the sums
-        # in place, then cast to q's dtype.
-        factor_k, factor_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
         keys = lambda g, factor: _tokens(g.mul_(factor), w, L).to(q.dtype)  # noqa: E731  past the w zeros before k
         glob = lambda g, factor: None if g is None else g.mul_(factor).to(q.dtype).transpose(1, 2)  # noqa: E731
         return (_tokens(grad_q, 0, L), keys(grad_k, factor_k), keys(grad_v, factor_v), glob(grad_kg, factor_k),
