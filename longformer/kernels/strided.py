@@ -232,13 +232,12 @@ def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
     """(example, blocks, keys, values) for groups of blocks (a slice) whose scores, every head's, take about
     GROUP_BYTES; keys and values [m, H, S + G, D] hold each block's window, then the G global keys (values), in
     two buffers that every group reuses."""
-    B, H, R, D = kh.shape
+    B, H, _, D = kh.shape
     G, S = 0 if kgh is None else kgh.shape[2], 2 * w + n
     per_group = max(1, min(nc, GROUP_BYTES // (H * (S + G) * n * kh.element_size())))
     buffers = [x.new_empty(per_group, H, S + G, D) for x in (kh, vh)]
     for b in range(B):
-        # [nc, H, S, D]: block c's window of head h starts at row c * n of that head
-        windows = [x[b].as_strided((nc, H, S, D), (n * D, R * D, D, 1), x[b].storage_offset()) for x in (kh, vh)]
+        windows = [_windows(x[b].transpose(0, 1), nc, n, S).transpose(1, 2) for x in (kh, vh)]  # [nc, H, S, D]
         for c0 in range(0, nc, per_group):
             blocks = slice(c0, min(c0 + per_group, nc))
             m = blocks.stop - c0
