@@ -14,6 +14,7 @@ from .kernels.dropout import Dropout
 from .kernels.layer_norm import LayerNorm
 from .kernels.linear import linear
 from .kernels.rows import in_row_chunks
+from .kernels.tied import TiedGradient, TiedLookup
 
 ACT_FNS = {
     "gelu": F.gelu,
@@ -68,7 +69,8 @@ class LongformerEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, C)
         self.norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.tied_to_decoder = False  # set by LongformerForMaskedLM: see forward
+        self.tied_to_decoder = False  # set by LongformerForMaskedLM
+        self.tied = None  # this forward's TiedGradient, for LongformerForMaskedLM to hand to its decoder
 
     def position_ids(self, input_ids, shape, device, segments=None):
         """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx.
@@ -86,15 +88,15 @@ class LongformerEmbeddings(nn.Module):
         return count * real + self.padding_idx
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        if inputs_embeds is None:
-            # Tied to the masked-LM decoder, whose dense gradient of the same weight comes first in backward,
-            # the lookup's gradient is sparse rows, added into it in place: no second [vocab, hidden] gradient
-            # (154 MB for longformer-base), zero-filled and faulted in afresh at every step. CPU, eager mode.
-            sparse = (self.tied_to_decoder and input_ids.device.type == "cpu"
-                      and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()))
-            x = F.embedding(input_ids, self.word.weight, self.padding_idx, sparse=sparse)
-        else:
+        self.tied = None
+        if inputs_embeds is not None:
             x = inputs_embeds
+        elif (self.tied_to_decoder and torch.is_grad_enabled() and self.word.weight.requires_grad
+              and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())):
+            self.tied = TiedGradient()  # see kernels/tied.py
+            x = TiedLookup.apply(input_ids, self.word.weight, self.padding_idx, self.tied)
+        else:
+            x = self.word(input_ids)
         x = x + self.position(position_ids) + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
 
@@ -258,13 +260,14 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         """
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                               inputs_embeds, output_hidden_states, document_ids)
+        tied, self.longformer.embeddings.tied = self.longformer.embeddings.tied, None
         h = out.last_hidden_state
         if logits_at_labels_only:
             if labels is None:
                 raise ValueError("logits_at_labels_only=True needs labels")
             selected = labels.ne(-100)
             h, labels = h[selected], labels[selected]
-        logits = self.lm_head(h)
+        logits = self.lm_head(h, tied)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -281,9 +284,10 @@ class LongformerLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.word_embeddings = [word_embeddings]  # a list, so that the shared weight is not registered twice
 
-    def forward(self, h):
+    def forward(self, h, tied=None):
+        """tied: the TiedGradient of the forward pass whose word embeddings made h, or None."""
         h = self.layer_norm(F.gelu(self.dense(h)))
-        return linear(h, self.word_embeddings[0].weight, self.bias)
+        return linear(h, self.word_embeddings[0].weight, self.bias, tied=tied)
 
 
 def _classification_loss(config, logits, labels):

@@ -373,11 +373,11 @@ def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(monkeypa
     linear = torch.nn.Linear(12, 4, dtype=dtype)
     act = ACT_FNS[act_name] if act_name else None
     if autocast is None:
-        assert torch.autograd.gradcheck(lambda h, w, b: ActLinear.apply(h, w, b, act), (h, linear.weight, linear.bias))
+        assert torch.autograd.gradcheck(lambda h, w, b: ActLinear.apply(h, w, b, act, None), (h, linear.weight, linear.bias))
         return
     h_bf16 = h.detach().bfloat16().requires_grad_()  # as the first linear's output would be under autocast
     results = []
-    for fn in (lambda x: linear(x if act is None else act(x)), lambda x: ActLinear.apply(x, linear.weight, linear.bias, act)):
+    for fn in (lambda x: linear(x if act is None else act(x)), lambda x: ActLinear.apply(x, linear.weight, linear.bias, act, None)):
         with torch.autocast("cpu", dtype=autocast):
             out = fn(h_bf16)
         grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
@@ -395,11 +395,51 @@ def test_act_linear_without_rows_gives_zero_gradients():
     linear = torch.nn.Linear(12, 4)
     h = torch.zeros(0, 12, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ActLinear.apply(h, linear.weight, linear.bias, None)
+        out = ActLinear.apply(h, linear.weight, linear.bias, None, None)
     out.float().sum().backward()
     assert out.shape == (0, 4)
     assert torch.equal(linear.weight.grad, torch.zeros_like(linear.weight))
     assert torch.equal(linear.bias.grad, torch.zeros_like(linear.bias))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss", ["mlm", "no_decoder", "two_forwards"])
+def test_tied_word_embedding_gets_one_gradient(monkeypatch, autocast, loss):
+    """The masked-LM decoder hands its gradient of the shared word embedding to the lookup's backward, which adds
+    the lookup's rows into it (none into the padding row) and returns it: the gradient of the tie undone, one
+    dense tensor, the decoder's own. Also where the loss skips the decoder (the sparse gradient this replaced
+    was left sparse there, which AdamW refuses), and for two forwards, one backward."""
+    from longformer.kernels import tied
+    handed = []
+    backward = tied.TiedLookup.backward
+    monkeypatch.setattr(tied.TiedLookup, "backward", staticmethod(
+        lambda ctx, grad: handed.append(ctx.tied.grad is not None and ctx.tied.grad.data_ptr()) or backward(ctx, grad)))
+    torch.manual_seed(0)
+    model = longformer.LongformerForMaskedLM(tiny([4, 4], vocab_size=60)).to(DEVICE).train()
+    ids = on_device(torch.randint(3, 60, (2, 11)))
+    ids[1, 8:] = model.config.pad_token_id
+    labels = torch.where(on_device(torch.rand(2, 11)) < 0.5, ids, -100)
+    weight = model.longformer.embeddings.word.weight
+
+    def gradient(tie):
+        model.longformer.embeddings.tied_to_decoder = tie
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            if loss == "no_decoder":
+                out = model(ids, output_hidden_states=True)
+                total = out.hidden_states[-1].float().pow(2).sum()
+            else:
+                total = sum(model(ids, labels=labels).loss for _ in range(1 + (loss == "two_forwards")))
+        total.backward()
+        return weight.grad
+
+    mine, ref = gradient(True), gradient(False)
+    assert mine.layout == torch.strided and mine.dtype == weight.dtype
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
+    if loss == "mlm":  # the weight's gradient is the tensor the decoder handed over
+        assert handed == [mine.data_ptr()]
+    else:  # nothing handed over; each forward's decoder to its own lookup (autograd sums the two)
+        assert handed == [False] if loss == "no_decoder" else len(handed) == 2 and all(handed)
 
 
 @pytest.mark.parametrize("n", [1, 8, 13, 256 * 8])

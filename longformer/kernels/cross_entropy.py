@@ -9,8 +9,10 @@ dtype).
 """
 import torch
 
-# fp32 elements per chunk of rows (16 MB): a chunk's exp and gradient stay in cache.
-CHUNK_ELEMENTS = 1 << 22
+# fp32 elements per chunk of rows (4 MB), in one buffer that every chunk reuses and that stays in cache. A fresh
+# buffer per step each chunk (as torch.exp(chunk.float() - lse) makes) is faulted in from the OS every time:
+# forward and backward for 625 x 50,265 bf16 logits took 117 ms that way, 52 ms this way (2-core EPYC).
+CHUNK_ELEMENTS = 1 << 20
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -19,7 +21,11 @@ class CrossEntropy(torch.autograd.Function):
         """logits [N, V] any float dtype, labels [N] -> the summed (or mean) loss over rows not ignored, in fp32
         (fp64 for fp64 logits)."""
         wide = torch.promote_types(logits.dtype, torch.float32)
-        lse = torch.cat([torch.logsumexp(c.to(wide), dim=-1) for c in _chunks(logits)])  # [N]
+        lse = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
+        for chunk, rows, buf in _chunks(logits, wide):
+            m = chunk.amax(dim=-1, keepdim=True)  # exact in any dtype; 0 where infinite, as in torch.logsumexp
+            m.masked_fill_(m.isinf(), 0)
+            lse[rows] = buf.copy_(chunk).sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(1))
         valid = labels.ne(ignore_index)
         target = logits.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1).to(wide)
         divisor = valid.sum() if mean else torch.ones((), dtype=torch.long, device=logits.device)
@@ -31,18 +37,24 @@ class CrossEntropy(torch.autograd.Function):
         logits, labels, lse, valid, divisor = ctx.saved_tensors
         grad = torch.empty_like(logits)
         weight = valid.to(lse.dtype) * (grad_loss / divisor)  # [N]
-        at = 0
-        for chunk, out in zip(_chunks(logits), _chunks(grad)):
-            n = chunk.shape[0]
-            g = torch.exp(chunk.to(lse.dtype) - lse[at:at + n, None])  # softmax
-            g[torch.arange(n, device=g.device), torch.where(valid[at:at + n], labels[at:at + n], 0)] -= 1
-            out.copy_(g.mul_(weight[at:at + n, None]))
-            at += n
+        for (chunk, rows, g), out in zip(_chunks(logits, lse.dtype), grad.split(_rows(logits))):
+            g.copy_(chunk).sub_(lse[rows, None]).exp_()  # softmax
+            g[torch.arange(g.shape[0], device=g.device), torch.where(valid[rows], labels[rows], 0)] -= 1
+            out.copy_(g.mul_(weight[rows, None]))
         return grad, None, None, None
 
 
-def _chunks(x: torch.Tensor):
-    return x.split(max(1, CHUNK_ELEMENTS // x.shape[-1]))
+def _rows(x: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMENTS // x.shape[-1])
+
+
+def _chunks(x: torch.Tensor, dtype: torch.dtype):
+    """(chunk of x's rows, their slice, a dtype buffer of the chunk's shape): one buffer for every chunk."""
+    n = _rows(x)
+    buf = torch.empty(min(n, x.shape[0]), x.shape[-1], dtype=dtype, device=x.device)
+    for i in range(0, x.shape[0], n):
+        chunk = x[i:i + n]
+        yield chunk, slice(i, i + chunk.shape[0]), buf[:chunk.shape[0]]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

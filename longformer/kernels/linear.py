@@ -18,9 +18,10 @@ from .rows import in_row_chunks, row_slices
 
 class ActLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, act):
+    def forward(ctx, h, weight, bias, act, tied):
         device = h.device.type
-        ctx.act, ctx.cast = act, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.act, ctx.tied = act, tied
+        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.input_dtype = h.dtype
         if ctx.cast:
             h = h.to(ctx.cast)
@@ -47,7 +48,9 @@ class ActLinear(torch.autograd.Function):
             if grad_w is not None:
                 _add_weight_grad(grad_w, gs[rows], cast(a.detach()), first=i == 0)
         grad_b = gs.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None
+        if ctx.tied is not None:  # handed to the word embedding's backward, which returns it with its own rows
+            ctx.tied.grad, grad_w = grad_w, None
+        return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None, None
 
 
 def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, first: bool):
@@ -66,11 +69,12 @@ def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, fir
 GRAD_CHUNK = 4096  # output features per chunk of the weight gradient
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act=None, tied=None) -> torch.Tensor:
     """F.linear(act(x), weight, bias), through ActLinear in training where it saves memory: with an activation,
-    or under autocast. torch.compile and export see the plain expression (compile recomputes by itself)."""
+    or under autocast, or with tied (a kernels.tied.TiedGradient, which then receives the weight's gradient).
+    torch.compile and export see the plain expression (compile recomputes by itself)."""
     plain = (torch.compiler.is_compiling() or torch.compiler.is_exporting() or not torch.is_grad_enabled()
-             or (act is None and not torch.is_autocast_enabled(x.device.type)))
+             or (act is None and tied is None and not torch.is_autocast_enabled(x.device.type)))
     if plain:
         return F.linear(x if act is None else act(x), weight, bias)
-    return ActLinear.apply(x, weight, bias, act)
+    return ActLinear.apply(x, weight, bias, act, tied)
