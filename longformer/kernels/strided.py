@@ -22,7 +22,7 @@ import math
 import torch
 from torch.nn.attention import SDPBackend
 
-from .dropout import draw_keep, pack_keep, unpack_keep
+from .dropout import draw_keep, factor, pack_keep, unpack_keep
 
 # Queries per block, per kernel, and the explicit kernel's groups of blocks: their scores take about GROUP_BYTES
 # and stay in cache. Measured with benchmarks/band_kernels.py, one layer's band of longformer-base at 4,096
@@ -152,7 +152,7 @@ class ExplicitBand(torch.autograd.Function):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])
             if dropout_p:
                 keep = draw_keep(probs.shape, dropout_p, q.device)
-                probs.mul_(_factor(keep, probs.dtype))
+                probs.mul_(factor(keep, probs.dtype))
                 decisions.append(pack_keep(keep))
             o = out[b, blocks].flatten(0, 1)
             torch.baddbmm(o, probs.flatten(0, 1).transpose(1, 2), vc.flatten(0, 1), beta=0,
@@ -187,11 +187,11 @@ class ExplicitBand(torch.autograd.Function):
         grad_kg, grad_vg = (None if x is None else torch.zeros(x.shape, dtype=acc) for x in (kgh, vgh))
         # Dropout's 1 / (1 - p) multiplies every gradient, the softmax scale q's and k's: q's in the matmul that
         # writes it, k's and v's on their sums at the end, in place, before the cast to q's dtype.
-        factor_k, factor_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
+        scale_k, scale_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731  [m, H, *] -> [m * H, *]
         for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])  # [m, H, S + G, n]
-            kept = _factor(unpack_keep(decisions[i], probs.shape), probs.dtype) if p else None
+            kept = factor(unpack_keep(decisions[i], probs.shape), probs.dtype) if p else None
             g = flat(go[b, blocks])  # [m * H, n, D]
             gv = torch.bmm(flat(probs if kept is None else probs * kept), g)
             _fold(grad_v, grad_vg, gv.view(kc.shape), b, blocks.start, S)
@@ -200,12 +200,12 @@ class ExplicitBand(torch.autograd.Function):
                 grad_probs.mul_(kept)
             grad_scores = flat(torch.ops.aten._softmax_backward_data(grad_probs, probs, 2, probs.dtype))
             gq = flat(grad_q[b, blocks])
-            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=factor_k, out=gq)
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=scale_k, out=gq)
             _fold(grad_k, grad_kg, torch.bmm(grad_scores, flat(qb[b, blocks])).view(kc.shape), b, blocks.start, S)
-        glob = lambda g, factor: None if g is None else g.mul_(factor).to(q.dtype).transpose(1, 2)  # noqa: E731
+        glob = lambda g, scale: None if g is None else g.mul_(scale).to(q.dtype).transpose(1, 2)  # noqa: E731
         # k's and v's past the w zeros before k
-        return (_tokens(grad_q, 0, L), _tokens(grad_k, w, L, factor_k, q.dtype), _tokens(grad_v, w, L, factor_v, q.dtype),
-                glob(grad_kg, factor_k), glob(grad_vg, factor_v), None, None, None, None)
+        return (_tokens(grad_q, 0, L), _tokens(grad_k, w, L, scale_k, q.dtype), _tokens(grad_v, w, L, scale_v, q.dtype),
+                glob(grad_kg, scale_k), glob(grad_vg, scale_v), None, None, None, None)
 
 
 def _operands(q, k, v, k_global, v_global, w: int, nc: int, n: int):
@@ -222,17 +222,15 @@ def _block_major(x, nc: int, n: int):
     return _padded(x, 0, nc * n).view(B, nc, n, H, D).transpose(2, 3).contiguous()
 
 
-def _tokens(x, first: int, L: int, factor: float = 1.0, dtype: torch.dtype | None = None):
-    """x [B, blocks, H, n, D] -> rows first .. first + L - 1 of x * factor in dtype (x's where None), [B, L, H, D]:
-    a view of a token-major copy made in one pass. (x.mul_(factor).reshape(...).to(dtype) made two, the first an
-    fp32 copy as large as x: 6-15 ms each in a profiled bf16 step of longformer-base, mostly page faults.)"""
+def _tokens(x, first: int, L: int, scale: float = 1.0, dtype: torch.dtype | None = None):
+    """x [B, blocks, H, n, D] (multiplied by scale in place) -> its rows first .. first + L - 1 in dtype (x's where
+    None), [B, L, H, D]: a view of a token-major copy, cast as it is copied. (x.reshape(...).to(dtype) made two
+    copies, the first in x's fp32: 6-15 ms each in a profiled bf16 step of longformer-base, mostly page faults.)"""
     B, nb, H, n, D = x.shape
+    if scale != 1.0:
+        x.mul_(scale)
     out = torch.empty(B, nb, n, H, D, dtype=dtype or x.dtype, device=x.device)
-    if factor == 1.0:
-        out.copy_(x.transpose(2, 3))
-    else:
-        torch.mul(x.transpose(2, 3), factor, out=out)
-    return out.view(B, nb * n, H, D)[:, first:first + L]
+    return out.copy_(x.transpose(2, 3)).view(B, nb * n, H, D)[:, first:first + L]
 
 
 def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
@@ -271,9 +269,3 @@ def _fold(grad, grad_global, g, b: int, c0: int, S: int):
         grad[b, c0 + i // n:c0 + i // n + m, :, :rows] += g[:, :, i:i + rows]
     if grad_global is not None:
         grad_global[b] += g[:, :, S:].sum(0)
-
-
-def _factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """1.0 where kept, 0.0 where dropped. Through a uint8 view: converting bool directly, or multiplying by
-    it, is an unvectorized cast here, 6-8x slower than this and a multiply."""
-    return keep.view(torch.uint8).to(dtype)
