@@ -72,14 +72,18 @@ class AttentionMasks:
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         return x[rows, self.global_idx]
 
-    def scatter_global(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Replace the global tokens' rows of x [B, L, *rest] by rows [B, G, *rest]."""
-        valid = self.global_valid.view(*self.global_valid.shape, *[1] * (x.dim() - 2))
-        idx = self.global_idx.view(*self.global_idx.shape, *[1] * (x.dim() - 2)).expand_as(rows)
+    def place(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, *rest] with the padding rows zeroed and the global tokens' rows replaced by rows [B, G, *rest]
+        (None where there are no global tokens). Through 0/1 factors: torch.where and products with a bool mask
+        run unvectorized on CPU (2-3x slower in bf16), and torch.where's backward twice."""
+        shape = (*self.keep.shape, *[1] * (x.dim() - 2))  # [B, L, 1, ...]
+        if rows is None:
+            return x * self.keep.to(x.dtype).view(shape)
+        valid = self.global_valid.view(*self.global_valid.shape, *shape[2:])
+        idx = self.global_idx.view(*self.global_idx.shape, *shape[2:]).expand_as(rows)
         # Invalid slots add zeros at row 0, so every real global row receives exactly one value.
-        placed = torch.zeros_like(x).scatter_add(1, idx, rows * valid)
-        is_global = self.is_global.view(*self.is_global.shape, *[1] * (x.dim() - 2))
-        return torch.where(is_global, placed, x)
+        placed = torch.zeros_like(x).scatter_add_(1, idx, rows * valid)
+        return torch.addcmul(placed, x, (self.keep & ~self.is_global).to(x.dtype).view(shape))
 
 
 def document_segments(document_ids: torch.Tensor) -> torch.Tensor:

@@ -51,11 +51,11 @@ class LongformerSelfAttention(nn.Module):
                                          self._projections(x) if torch.is_autocast_enabled(x.device.type) else None)
         else:
             out = sliding_window_attention(q, k, v, w, masks.window_mask(w, q.dtype), k_glob, v_glob, dropout_p, sdpa)
+        out_g = None
         if masks.num_global:
             q_g = split(self.query_global(masks.gather_global(x)))  # [B, G, H, D]
             out_g = global_query_attention(q_g, x, self.key_global, self.value_global, masks.global_keys, dropout_p)
-            out = masks.scatter_global(out, out_g)
-        return (out * masks.keep[:, :, None, None]).reshape(B, L, C)
+        return masks.place(out, out_g).reshape(B, L, C)
 
     def _projections(self, x: torch.Tensor):
         """A function making q, k and v [B, L, H, D] again from x (in autocast's dtype; the linear layers keep it
