@@ -11,8 +11,10 @@ forward is the encoder (LongformerModel), a training step is LongformerForMasked
 tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU each (implementation,
 length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
 worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
-right after. Timings are medians of --repeats runs after one warm-up. Writes a JSON file of all rows and
-prints a table.
+right after. Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
+(model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps;
+the speed measured at the start of the run is in the JSON's meta. Writes a JSON file of all rows and prints a
+table.
 """
 import argparse
 import json
@@ -143,8 +145,9 @@ def make_step(model, impl, mode, inputs, dtype, device):
 
 def measure(impl, L, batch, dtype, mode, repeats, device, config):
     """One configuration: {"times": [...], "peak_bytes": ...}."""
+    # The machine's matmul speed now, for this row's MFU: on a shared VM it drifts by ±10% within a run.
+    matmul = matmul_speed(device, dtype)  # sets TF32 for dtype
     torch.manual_seed(0)
-    set_tf32(dtype == "tf32")
     model = build(impl, L, mode, config, device).train(mode == "train")
     step = make_step(model, impl, mode, make_inputs(L, batch, config["vocab_size"], device), dtype, device)
     if device == "cuda":
@@ -156,7 +159,8 @@ def measure(impl, L, batch, dtype, mode, repeats, device, config):
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"times": times[1:], "first_s": times[0], "peak_bytes": peak}  # the first step compiles
+    return {"times": times[1:], "first_s": times[0], "peak_bytes": peak,  # the first step compiles
+            "matmul_tflops": matmul / 1e12}
 
 
 def worker(spec):
@@ -256,7 +260,7 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
         for c, result in zip(cs, run_worker(impl, cs, repeats, device, config, keep_heap)):
             if "median_s" in result:
                 result["mfu"] = model_flops(c[0], c[1], c[3], c=config) / result["median_s"] \
-                    / (meta["matmul_tflops"][c[2]] * 1e12)
+                    / (result["matmul_tflops"] * 1e12)
             rows[c][impl] = result
             done = all(i in rows[c] for i in impls if c in jobs.get(i, []))
             if done:
