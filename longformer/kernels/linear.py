@@ -1,14 +1,14 @@
 """A linear layer, optionally after an activation, that keeps for backward only its input and the fp32 weight.
 
-Under autocast, F.linear keeps the bf16 copy of its weight for the backward pass: 16.5 MB a layer of
-longformer-base and 77 MB for the tied vocabulary decoder, alive from the forward to the backward. This keeps
-the fp32 weight (a parameter, there anyway) and casts it again in backward, and keeps its input in autocast's
-dtype (the copy the matmul reads anyway: half of an fp32 input). With an activation, linear(act(h)) keeps h
-alone and computes act(h) again in backward: autograd would keep both h and act(h) [B, L, intermediate], a
-layer's two largest tensors (100 of its ~250 MB at 4,096 tokens in fp32), where act(h) costs one elementwise
-pass. On CPU the work goes a chunk of rows at a time (kernels/rows.py): act(h), its gradient and the gradient
-into it are then 12 MB pieces from the heap rather than 50 MB fresh mappings (0.12 GB less peak memory in a
-training step of longformer-base at 4,096 tokens).
+Under autocast, F.linear keeps the bf16 copy of its weight for the backward pass: 16.5 MB a layer of longformer-
+base, alive from the forward to the backward. This keeps the fp32 weight (a parameter, there anyway) and casts
+it again in backward (but for the tied vocabulary decoder, whose backward comes right after its forward: see
+ActLinear.forward), and keeps its input in autocast's dtype (the copy the matmul reads anyway: half of an fp32
+input). With an activation, linear(act(h)) keeps h alone and computes act(h) again in backward: autograd would
+keep both h and act(h) [B, L, intermediate], a layer's two largest tensors (100 of its ~250 MB at 4,096 tokens
+in fp32), where act(h) costs one elementwise pass. On CPU the work goes a chunk of rows at a time
+(kernels/rows.py): act(h), its gradient and the gradient into it are then 12 MB pieces from the heap rather than
+50 MB fresh mappings (0.12 GB less peak memory in a training step of longformer-base at 4,096 tokens).
 """
 import torch
 import torch.nn.functional as F
@@ -23,21 +23,23 @@ class ActLinear(torch.autograd.Function):
         ctx.act, ctx.tied = act, tied
         ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.input_dtype = h.dtype
-        if ctx.cast:
-            h = h.to(ctx.cast)
-        ctx.save_for_backward(h, weight, bias)
+        cast_weight = None
         if ctx.cast:  # cast here, rather than by autocast, whose cache would keep the copy to the end of the forward
-            weight, bias = weight.to(ctx.cast), None if bias is None else bias.to(ctx.cast)
-        return in_row_chunks(lambda x: F.linear(x if act is None else act(x), weight, bias), h)
+            h, cast_weight = h.to(ctx.cast), weight.to(ctx.cast)
+        # The tied decoder keeps its cast weight: it is the forward's last matmul, and only the loss runs before its
+        # backward, which casts the weight otherwise (77 MB for longformer-base, and as many page faults, a step).
+        ctx.save_for_backward(h, weight, bias, cast_weight if tied is not None else None)
+        w, b = (weight, bias) if cast_weight is None else (cast_weight, None if bias is None else bias.to(ctx.cast))
+        return in_row_chunks(lambda x: F.linear(x if act is None else act(x), w, b), h)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, bias = ctx.saved_tensors
+        h, weight, bias, cast_weight = ctx.saved_tensors
         cast = (lambda t: t.to(ctx.cast)) if ctx.cast else (lambda t: t)  # noqa: E731
         hs, gs = h.flatten(0, -2), grad_out.flatten(0, -2)  # [N, in], [N, out]
         grad_h = torch.empty_like(hs, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # written by the first chunk
-        w = cast(weight)
+        w = cast(weight) if cast_weight is None else cast_weight
         for i, rows in enumerate(row_slices(hs.shape[0], hs.device)):
             with torch.enable_grad():
                 x = hs[rows].detach().requires_grad_(ctx.act is not None)

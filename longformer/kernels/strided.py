@@ -211,9 +211,19 @@ class ExplicitBand(torch.autograd.Function):
 def _operands(q, k, v, k_global, v_global, w: int, nc: int, n: int):
     """q block-major [B, nc, H, n, D] (zeros after it); k and v head-major [B, H, nc * n + 2w, D] (w zeros before,
     the rest after), where each head's windows are a strided view; the global keys and values [B, H, G, D]."""
-    kh, vh = (_padded(x, w, nc * n + 2 * w).transpose(1, 2).contiguous() for x in (k, v))
+    kh, vh = (_head_major(x, w, nc * n + 2 * w) for x in (k, v))
     kgh, vgh = (None if x is None else x.transpose(1, 2) for x in (k_global, v_global))
     return _block_major(q, nc, n), kh, vh, kgh, vgh
+
+
+def _head_major(x, before: int, rows: int):
+    """x [B, L, H, D] -> [B, H, rows, D] contiguous: `before` zeros, x, zeros up to rows, in one copy of x."""
+    B, L, H, D = x.shape
+    out = x.new_empty(B, H, rows, D)
+    out[:, :, :before].zero_()
+    out[:, :, before + L:].zero_()
+    out[:, :, before:before + L].copy_(x.transpose(1, 2))
+    return out
 
 
 def _block_major(x, nc: int, n: int):
