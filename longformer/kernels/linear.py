@@ -1,14 +1,14 @@
 """A linear layer, optionally after an activation, that keeps for backward only its input and the fp32 weight.
 
-Under autocast, F.linear keeps the bf16 copy of its weight for the backward pass: 16.5 MB a layer of longformer-
-base, alive from the forward to the backward. This keeps the fp32 weight (a parameter, there anyway) and casts
-it again in backward (but for the tied vocabulary decoder, whose backward comes right after its forward: see
-ActLinear.forward), and keeps its input in autocast's dtype (the copy the matmul reads anyway: half of an fp32
+Under autocast, F.linear keeps the bf16 copy of its weight for the backward pass: 16.5 MB a layer of
+longformer-base, alive from the forward to the backward. This keeps the fp32 weight (a parameter, there anyway)
+and casts it again in backward (but for the tied vocabulary decoder, whose backward comes right after its forward:
+see ActLinear.forward), and keeps its input in autocast's dtype (the copy the matmul reads anyway: half of an fp32
 input). With an activation, linear(act(h)) keeps h alone and computes act(h) again in backward: autograd would
-keep both h and act(h) [B, L, intermediate], a layer's two largest tensors (100 of its ~250 MB at 4,096 tokens
-in fp32), where act(h) costs one elementwise pass. On CPU the work goes a chunk of rows at a time
-(kernels/rows.py): act(h), its gradient and the gradient into it are then 12 MB pieces from the heap rather than
-50 MB fresh mappings (0.12 GB less peak memory in a training step of longformer-base at 4,096 tokens).
+keep both h and act(h) [B, L, intermediate], a layer's two largest tensors (100 of its ~250 MB at 4,096 tokens in
+fp32), where act(h) costs one elementwise pass. On CPU the work goes a chunk of rows at a time (kernels/rows.py):
+act(h), its gradient and the gradient into it are then 12 MB pieces from the heap rather than 50 MB fresh mappings
+(0.12 GB less peak memory in a training step of longformer-base at 4,096 tokens).
 """
 import torch
 import torch.nn.functional as F
