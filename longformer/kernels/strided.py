@@ -185,9 +185,10 @@ class ExplicitBand(torch.autograd.Function):
         # The windows' gradients, summed block by block: the rows of kh, then whole blocks past its end.
         grad_k, grad_v = (torch.zeros(B, nc + -(-S // n), H, n, D, dtype=acc) for _ in range(2))
         grad_kg, grad_vg = (None if x is None else torch.zeros(x.shape, dtype=acc) for x in (kgh, vgh))
-        # Dropout's 1 / (1 - p) multiplies every gradient, the softmax scale q's and k's: q's in the matmul that
-        # writes it, k's and v's on their sums at the end, in place, before the cast to q's dtype.
-        scale_k, scale_v = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
+        # Dropout's 1 / (1 - p) multiplies every gradient, the softmax scale 1 / sqrt(D) q's and k's: q's both in the
+        # matmul that writes it; k's scale comes with qb, which carries it, and k's and v's 1 / (1 - p) goes on their
+        # sums at the end, in place, before the cast to q's dtype.
+        scale_q, scale_kv = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731  [m, H, *] -> [m * H, *]
         for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])  # [m, H, S + G, n]
@@ -200,20 +201,20 @@ class ExplicitBand(torch.autograd.Function):
                 grad_probs.mul_(kept)
             grad_scores = flat(torch.ops.aten._softmax_backward_data(grad_probs, probs, 2, probs.dtype))
             gq = flat(grad_q[b, blocks])
-            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=scale_k, out=gq)
+            torch.baddbmm(gq, grad_scores.transpose(1, 2), flat(kc), beta=0, alpha=scale_q, out=gq)
             _fold(grad_k, grad_kg, torch.bmm(grad_scores, flat(qb[b, blocks])).view(kc.shape), b, blocks.start, S)
         glob = lambda g, scale: None if g is None else g.mul_(scale).to(q.dtype).transpose(1, 2)  # noqa: E731
         # k's and v's past the w zeros before k
-        return (_tokens(grad_q, 0, L), _tokens(grad_k, w, L, scale_k, q.dtype), _tokens(grad_v, w, L, scale_v, q.dtype),
-                glob(grad_kg, scale_k), glob(grad_vg, scale_v), None, None, None, None)
+        return (_tokens(grad_q, 0, L), _tokens(grad_k, w, L, scale_kv, q.dtype), _tokens(grad_v, w, L, scale_kv, q.dtype),
+                glob(grad_kg, scale_kv), glob(grad_vg, scale_kv), None, None, None, None)
 
 
 def _operands(q, k, v, k_global, v_global, w: int, nc: int, n: int):
-    """q block-major [B, nc, H, n, D] (zeros after it); k and v head-major [B, H, nc * n + 2w, D] (w zeros before,
-    the rest after), where each head's windows are a strided view; the global keys and values [B, H, G, D]."""
+    """q / sqrt(D) block-major [B, nc, H, n, D] (zeros after it); k and v head-major [B, H, nc * n + 2w, D] (w zeros
+    before, the rest after), where each head's windows are a strided view; the global keys and values [B, H, G, D]."""
     kh, vh = (_head_major(x, w, nc * n + 2 * w) for x in (k, v))
     kgh, vgh = (None if x is None else x.transpose(1, 2) for x in (k_global, v_global))
-    return _block_major(q, nc, n), kh, vh, kgh, vgh
+    return _block_major(q, nc, n, 1.0 / math.sqrt(q.shape[-1])), kh, vh, kgh, vgh
 
 
 def _head_major(x, before: int, rows: int):
@@ -226,10 +227,11 @@ def _head_major(x, before: int, rows: int):
     return out
 
 
-def _block_major(x, nc: int, n: int):
-    """x [B, L, H, D] -> [B, nc, H, n, D] contiguous, zeros after x."""
+def _block_major(x, nc: int, n: int, scale: float = 1.0):
+    """x [B, L, H, D] -> x * scale [B, nc, H, n, D] contiguous, zeros after x."""
     B, L, H, D = x.shape
-    return _padded(x, 0, nc * n).view(B, nc, n, H, D).transpose(2, 3).contiguous()
+    out = x.new_empty(B, nc, H, n, D)
+    return torch.mul(_padded(x, 0, nc * n).view(B, nc, n, H, D).transpose(2, 3), scale, out=out)
 
 
 def _tokens(x, first: int, L: int, scale: float = 1.0, dtype: torch.dtype | None = None):
@@ -253,21 +255,21 @@ def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
     buffers = [x.new_empty(per_group, H, S + G, D) for x in (kh, vh)]
     for b in range(B):
         windows = [_windows(x[b].transpose(0, 1), nc, n, S).transpose(1, 2) for x in (kh, vh)]  # [nc, H, S, D]
+        if G:  # the same for every group of the example
+            for buf, glob in zip(buffers, (kgh, vgh)):
+                buf[:, :, S:].copy_(glob[b].expand(per_group, H, G, D))
         for c0 in range(0, nc, per_group):
             blocks = slice(c0, min(c0 + per_group, nc))
             m = blocks.stop - c0
-            for buf, win, glob in zip(buffers, windows, (kgh, vgh)):
+            for buf, win in zip(buffers, windows):
                 buf[:m, :, :S].copy_(win[blocks])
-                if G:
-                    buf[:m, :, S:].copy_(glob[b].expand(m, H, G, D))
             yield b, blocks, buffers[0][:m], buffers[1][:m]
 
 
 def _probs(q, keys, mask):
-    """q [m, H, n, D], keys [m, H, K, D], mask [m, K, n] -> probabilities key-major [m, H, K, n], the softmax
-    over the keys in q's dtype (CPU's bf16 softmax sums in fp32)."""
-    scores = torch.matmul(keys, q.transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1])))
-    return torch.softmax(scores.add_(mask[:, None]), dim=2)
+    """q [m, H, n, D] times 1 / sqrt(D), keys [m, H, K, D], mask [m, K, n] -> probabilities key-major
+    [m, H, K, n], the softmax over the keys in q's dtype (CPU's bf16 softmax sums in fp32)."""
+    return torch.softmax(torch.matmul(keys, q.transpose(-1, -2)).add_(mask[:, None]), dim=2)
 
 
 def _fold(grad, grad_global, g, b: int, c0: int, S: int):
