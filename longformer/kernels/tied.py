@@ -1,11 +1,11 @@
 """One gradient tensor for the word embedding that the masked-LM decoder shares.
 
 The decoder's gradient of the shared weight is a dense [vocab, hidden] (154 MB for longformer-base in fp32); the
-lookup's is a few thousand rows. autograd sums the two into a third tensor of the full size: out of place,
-because a gradient made in Python is never summed in place (measured with torch 2.13, even with a sparse
-lookup gradient), and that fresh 154 MB is faulted in from the OS at every step. Here the decoder hands its
-gradient over instead of returning it (linear(..., tied=...)), and the lookup's backward adds its rows into it
-and returns the sum: the weight receives one gradient, at the end of backward, as it did from autograd.
+lookup's is a few thousand rows. autograd sums the two into a third tensor of the full size, out of place
+(measured with torch 2.13, for a sparse lookup gradient too), and that fresh 154 MB is faulted in from the OS at
+every step. Here the decoder hands its gradient over instead of returning it (linear(..., tied=...)), and the
+lookup's backward adds its rows into it and returns the sum: the weight receives one gradient, at the end of
+backward, as it did from autograd.
 """
 import torch
 import torch.nn.functional as F
