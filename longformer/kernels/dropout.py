@@ -46,7 +46,7 @@ def unpack_keep(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 def factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1.0 where kept, 0.0 where dropped. Through a uint8 view: converting bool directly, or multiplying or
-    selecting (torch.where) by it, runs an unvectorized loop here, 3-8x slower than this and a multiply."""
+    selecting (torch.where) by it, runs an unvectorized loop here, 2-8x slower than this and a multiply."""
     return keep.view(torch.uint8).to(dtype)
 
 
