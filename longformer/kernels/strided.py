@@ -237,7 +237,7 @@ def _block_major(x, nc: int, n: int, scale: float = 1.0):
 def _tokens(x, first: int, L: int, scale: float = 1.0, dtype: torch.dtype | None = None):
     """x [B, blocks, H, n, D] (multiplied by scale in place) -> its rows first .. first + L - 1 in dtype (x's where
     None), [B, L, H, D]: a view of a token-major copy, cast as it is copied. (x.reshape(...).to(dtype) made two
-    copies, the first in x's fp32: 6-15 ms each in a profiled bf16 step of longformer-base, mostly page faults.)"""
+    copies, the first in x's fp32: 6-15 ms each, under torch.profiler, in a bf16 step of longformer-base.)"""
     B, nb, H, n, D = x.shape
     if scale != 1.0:
         x.mul_(scale)
