@@ -77,6 +77,8 @@ class AttentionMasks:
         (None where there are no global tokens). Through 0/1 factors: torch.where and products with a bool mask
         run unvectorized on CPU (2-3x slower in bf16), and torch.where's backward twice."""
         shape = (*self.keep.shape, *[1] * (x.dim() - 2))  # [B, L, 1, ...]
+        # The [B, L] factors cast directly, not through dropout.factor's uint8 view: ONNX export has no view to
+        # another dtype, and a cast of B x L values costs nothing here.
         if rows is None:
             return x * self.keep.to(x.dtype).view(shape)
         valid = self.global_valid.view(*self.global_valid.shape, *shape[2:])
