@@ -75,17 +75,20 @@ class AttentionMasks:
     def place(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """x [B, L, *rest] with the padding rows zeroed and the global tokens' rows replaced by rows [B, G, *rest]
         (None where there are no global tokens). Through 0/1 factors: torch.where and products with a bool mask
-        run unvectorized on CPU (2-3x slower in bf16), and torch.where's backward twice."""
+        run unvectorized on CPU (2-3x slower in bf16), and torch.where's backward twice. The rows are added in
+        place at their positions: a scatter_add_ into zeros of x's shape took 1.2 ms a layer in bf16 and 8.8 in
+        fp32 (copies of all of x) at 4,096 tokens on a 2-core EPYC, this 0.26 and 0.17."""
         shape = (*self.keep.shape, *[1] * (x.dim() - 2))  # [B, L, 1, ...]
         # The [B, L] factors cast directly, not through dropout.factor's uint8 view: ONNX export has no view to
         # another dtype, and a cast of B x L values costs nothing here.
         if rows is None:
             return x * self.keep.to(x.dtype).view(shape)
+        out = x * (self.keep & ~self.is_global).to(x.dtype).view(shape)
         valid = self.global_valid.view(*self.global_valid.shape, *shape[2:])
-        idx = self.global_idx.view(*self.global_idx.shape, *shape[2:]).expand_as(rows)
-        # Invalid slots add zeros at row 0, so every real global row receives exactly one value.
-        placed = torch.zeros_like(x).scatter_add_(1, idx, rows * valid)
-        return torch.addcmul(placed, x, (self.keep & ~self.is_global).to(x.dtype).view(shape))
+        batch = torch.arange(x.shape[0], device=x.device)[:, None]
+        # Invalid slots add zeros at row 0 (accumulated, so that each real global row receives its one value
+        # whatever the order of the writes).
+        return out.index_put_((batch, self.global_idx), rows * valid, accumulate=True)
 
 
 def document_segments(document_ids: torch.Tensor) -> torch.Tensor:
