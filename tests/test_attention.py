@@ -354,6 +354,32 @@ def test_hidden_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_dropout_hash_matches_lowbias32_and_its_two_halves_are_independent():
+    """The decisions' hash: torch's int32 ops (arithmetic shifts masked, wrapping multiplies, vectorized bodies
+    and scalar tails) give lowbias32 as written in uint32 numpy; the two 16-bit decisions of one hash, and those
+    of neighbouring counters, are kept together at the rate (1 - p)^2 of independent draws."""
+    import numpy as np
+    from longformer.kernels.dropout import _hash, draw_keep
+
+    def lowbias32(x):
+        x = x.copy()
+        for shift, multiplier in ((16, 0x7feb352d), (15, 0x846ca68b), (16, 1)):
+            x ^= x >> np.uint32(shift)
+            x *= np.uint32(multiplier)
+        return x
+
+    for n in (1, 7, 100_003):
+        x = torch.randint(-2**31, 2**31, (n,), dtype=torch.int64).to(torch.int32)
+        expected = lowbias32(x.numpy().view(np.uint32))
+        assert (_hash(x.clone()).numpy().view(np.uint32) == expected).all(), n
+    p = 0.3
+    torch.manual_seed(0)
+    keep = draw_keep((10**6,), p, torch.device("cpu")).view(-1, 2).float()
+    assert abs(float(keep.mean()) - (1 - p)) < 0.005 * (1 - p)
+    for together in (keep[:, 0] * keep[:, 1], keep[:-1, 1] * keep[1:, 0]):  # one hash's halves; neighbours
+        assert abs(float(together.mean()) - (1 - p) ** 2) < 0.01 * (1 - p) ** 2
+
+
 @pytest.mark.parametrize("act_name", ["gelu", None])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp64", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 5, 12), (10, 12)])
