@@ -278,6 +278,7 @@ def _fold(grad, grad_global, g, b: int, c0: int, S: int):
     m, n = g.shape[0], grad.shape[3]
     for i in range(0, S, n):  # block i // n of each window; consecutive windows overlap, hence a block at a time
         rows = min(n, S - i)
-        grad[b, c0 + i // n:c0 + i // n + m, :, :rows] += g[:, :, i:i + rows]
+        # add_ on the view: `grad[...] += g` would also copy the sum onto itself (__setitem__)
+        grad[b, c0 + i // n:c0 + i // n + m, :, :rows].add_(g[:, :, i:i + rows])
     if grad_global is not None:
-        grad_global[b] += g[:, :, S:].sum(0)
+        grad_global[b].add_(g[:, :, S:].sum(0))
