@@ -4,6 +4,7 @@
     python benchmarks/bench.py --device cuda --dtypes tf32 bf16   # the same table on a GPU
     python benchmarks/bench.py --flagperf           # + FlagPerf's setting: batch 16 x 1024, fp32 training
     python benchmarks/bench.py --keep-heap          # every worker with glibc's heap never trimmed (CPU)
+    python benchmarks/bench.py --alternate          # CPU: the implementations' steps in turn, HF, ours, HF, ...
 
 Base config (12 layers, 768 wide, window 512), batch 1 (or --batches), global attention on the first token;
 forward is the encoder (LongformerModel), a training step is LongformerForMaskedLM's forward + backward with
@@ -11,9 +12,12 @@ forward is the encoder (LongformerModel), a training step is LongformerForMasked
 tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU each (implementation,
 length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
 worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
-right after. Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
-(model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps;
-the speed measured at the start of the run is in the JSON's meta. Writes a JSON file of all rows and prints a
+right after; with --alternate (CPU) every implementation's worker of a configuration stays alive and they take
+one step each in turn, so that the machine's drift over minutes (10-15% on a shared VM) falls on all alike.
+Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
+(model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps
+(with --alternate, before each step: the median of the steps' fractions); the speed measured at the start of
+the run is in the JSON's meta. Writes a JSON file of all rows and prints a
 table.
 """
 import argparse
@@ -25,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -143,13 +148,18 @@ def make_step(model, impl, mode, inputs, dtype, device):
     return step
 
 
+def prepare(impl, L, batch, dtype, mode, device, config):
+    """The step function of one configuration, its model built and seeded as for every row."""
+    torch.manual_seed(0)
+    model = build(impl, L, mode, config, device).train(mode == "train")
+    return make_step(model, impl, mode, make_inputs(L, batch, config["vocab_size"], device), dtype, device)
+
+
 def measure(impl, L, batch, dtype, mode, repeats, device, config):
     """One configuration: {"times": [...], "peak_bytes": ...}."""
     # The machine's matmul speed now, for this row's MFU: on a shared VM it drifts by ±10% within a run.
     matmul = matmul_speed(device, dtype)  # sets TF32 for dtype
-    torch.manual_seed(0)
-    model = build(impl, L, mode, config, device).train(mode == "train")
-    step = make_step(model, impl, mode, make_inputs(L, batch, config["vocab_size"], device), dtype, device)
+    step = prepare(impl, L, batch, dtype, mode, device, config)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -165,6 +175,8 @@ def measure(impl, L, batch, dtype, mode, repeats, device, config):
 
 def worker(spec):
     """Every configuration of spec in this process; prints one JSON line per configuration."""
+    if spec.get("alternate"):
+        return alternating_worker(spec)
     for L, batch, dtype, mode in spec["configs"]:
         try:
             result = measure(spec["impl"], L, batch, dtype, mode, spec["repeats"], spec["device"], spec["config"])
@@ -173,6 +185,23 @@ def worker(spec):
         if spec["device"] == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(result), flush=True)
+
+
+def alternating_worker(spec):
+    """One configuration's steps on command (CPU): prints {"first_s"} after the warm-up step, then for each line
+    on stdin the matmul speed measured just before one step and the step's time, and at the end of stdin its
+    peak RSS."""
+    (L, batch, dtype, mode), device = spec["configs"][0], spec["device"]
+    step = prepare(spec["impl"], L, batch, dtype, mode, device, spec["config"])
+    t = time.perf_counter()
+    step()
+    print(json.dumps({"first_s": time.perf_counter() - t}), flush=True)
+    for _ in sys.stdin:
+        matmul = matmul_speed(device, dtype)
+        t = time.perf_counter()
+        step()
+        print(json.dumps({"time": time.perf_counter() - t, "matmul_tflops": matmul / 1e12}), flush=True)
+    print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
 # glibc's malloc returns freed memory at the top of its heap to the OS, and the next step faults it in again,
@@ -199,6 +228,57 @@ def run_worker(impl, configs, repeats, device, config, keep_heap=False):
         if "times" in r:
             r["median_s"] = statistics.median(r["times"])
     return results
+
+
+def run_alternating(impls, config_row, repeats, config, keep_heap=False):
+    """{impl: result} for one configuration on CPU, the implementations' steps alternating: a worker process
+    each, alive together (each warmed up in turn), each taking one step in turn, repeats rounds. The machine's
+    speed drifts by 10-15% over minutes; this way the drift falls on every implementation alike."""
+    env = {**os.environ, **KEEP_HEAP} if keep_heap else None
+    workers, results = {}, {}
+    for impl in impls:
+        spec = dict(impl=impl, configs=[config_row], repeats=repeats, device="cpu", config=config, alternate=True)
+        log = tempfile.TemporaryFile("w+")  # stderr, read only if the worker fails (a pipe left unread could fill)
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        workers[impl] = proc, log
+        results[impl] = _reply(proc, log) or {}
+        results[impl].update(times=[], step_matmul_tflops=[])
+    for _ in range(repeats):
+        for impl, (proc, log) in workers.items():
+            if "error" in results[impl]:
+                continue
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            reply = _reply(proc, log)
+            if "error" in reply:
+                results[impl].update(reply)
+            else:
+                results[impl]["times"].append(reply["time"])
+                results[impl]["step_matmul_tflops"].append(reply["matmul_tflops"])
+    for impl, (proc, log) in workers.items():
+        if "error" not in results[impl]:
+            proc.stdin.close()
+            results[impl].update(_reply(proc, log))
+        proc.kill()
+        proc.wait()
+        log.close()
+        r = results[impl]
+        if r["times"] and "error" not in r:
+            r["median_s"] = statistics.median(r["times"])
+            r["matmul_tflops"] = statistics.median(r["step_matmul_tflops"])
+    return results
+
+
+def _reply(proc, log) -> dict:
+    """The worker's next JSON line, or {"error": why} where it stopped."""
+    line = proc.stdout.readline()
+    if line.startswith("{"):
+        return json.loads(line)
+    code = proc.wait()
+    log.seek(0)
+    reason = "out of memory" if code in (-9, 137) else ((log.read().strip().splitlines() or [f"exit code {code}"])[-1][:160])
+    return {"error": reason}
 
 
 def driver_version() -> str | None:
@@ -234,11 +314,14 @@ def environment(device, dtypes):
 TRAIN_ONLY = ("ours+ckpt", "ours+sel", "ours+attn0")
 
 
-def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_train=None, keep_heap=False, log=print):
-    """Measure every configuration with every implementation; rows saved to out (JSON) as they come."""
+def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_train=None, keep_heap=False,
+                  alternate=False, log=print):
+    """Measure every configuration with every implementation; rows saved to out (JSON) as they come.
+    alternate (CPU): each configuration's implementations step in turn (run_alternating)."""
     meta = environment(device, sorted({c[2] for c in configs}))
     meta["config"] = config
     meta["malloc_env"] = KEEP_HEAP if keep_heap else None
+    meta["alternate"] = alternate
     log(f"# {meta}")
     log(TABLE_HEADER)
     jobs = {}  # impl -> the configurations it runs
@@ -253,23 +336,40 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
         for c, row in rows.items():
             if c[3] == "train" and c[0] > hf_max_train:
                 row["hf"] = {"error": f"not run: over --hf-max-train-length {hf_max_train}"}
+    runs = {c: [i for i in impls if c in jobs.get(i, [])] for c in configs}  # the implementations each row runs
+
+    def record(c, results):  # {impl: result} of configuration c
+        for impl, result in results.items():
+            if "median_s" in result:
+                result["mfu"] = mfu(model_flops(c[0], c[1], c[3], c=config), result)
+            rows[c][impl] = result
+        if all(i in rows[c] for i in runs[c]):
+            for name in impls:
+                if name != "hf" and name in rows[c]:
+                    log(table_line(rows[c], name))
+        with open(out, "w") as f:  # after every result, so that an interrupted run keeps what it measured
+            json.dump({"meta": meta, "rows": list(rows.values())}, f, indent=1)
+
+    if device == "cpu" and alternate:
+        for c in configs:
+            record(c, run_alternating(runs[c], c, repeats, config, keep_heap))
+        return meta, list(rows.values())
     # CPU: a process per configuration (peak RSS cannot be reset); CUDA: one per implementation.
-    groups = [(impl, [c]) for c in configs for impl in impls if c in jobs.get(impl, [])] if device == "cpu" \
+    groups = [(impl, [c]) for c in configs for impl in runs[c]] if device == "cpu" \
         else [(impl, cs) for impl, cs in jobs.items()]
     for impl, cs in groups:
         for c, result in zip(cs, run_worker(impl, cs, repeats, device, config, keep_heap)):
-            if "median_s" in result:
-                result["mfu"] = model_flops(c[0], c[1], c[3], c=config) / result["median_s"] \
-                    / (result["matmul_tflops"] * 1e12)
-            rows[c][impl] = result
-            done = all(i in rows[c] for i in impls if c in jobs.get(i, []))
-            if done:
-                for name in impls:
-                    if name != "hf" and name in rows[c]:
-                        log(table_line(rows[c], name))
-        with open(out, "w") as f:  # after every worker, so that an interrupted run keeps what it measured
-            json.dump({"meta": meta, "rows": list(rows.values())}, f, indent=1)
+            record(c, {impl: result})
     return meta, list(rows.values())
+
+
+def mfu(flops, result):
+    """Useful FLOPs per second over the matmul speed: the median over steps of each step's own fraction where
+    each step had its matmul speed measured just before it (alternate), else the median time's fraction."""
+    speeds = result.get("step_matmul_tflops")
+    if speeds:
+        return statistics.median(flops / t / (s * 1e12) for t, s in zip(result["times"], speeds))
+    return flops / result["median_s"] / (result["matmul_tflops"] * 1e12)
 
 
 def main():
@@ -290,6 +390,9 @@ def main():
     p.add_argument("--flagperf", action="store_true", help="add FlagPerf's setting: batch 16 x 1024 tokens, fp32")
     p.add_argument("--keep-heap", action="store_true",
                    help="run every worker (HF's and ours) with glibc's heap never trimmed (KEEP_HEAP)")
+    p.add_argument("--alternate", action="store_true",
+                   help="CPU: each configuration's implementations alive together, stepping in turn (their memory "
+                        "at once: HF's fp32 training at 4,096 tokens needs 12 GB of it)")
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--plot", metavar="RESULTS_JSON", nargs="+",
                    help="only draw these results files' rows, together, to a PNG beside the first")
@@ -304,7 +407,7 @@ def main():
         configs.append((1024, 16, "tf32" if args.device == "cuda" else "fp32", "train"))
     hf_max_train = args.hf_max_train_length or (4096 if args.device == "cpu" else None)
     run_benchmark(args.device, configs, args.impls, args.repeats, args.out, hf_max_train=hf_max_train,
-                  keep_heap=args.keep_heap)
+                  keep_heap=args.keep_heap, alternate=args.alternate)
     try:
         drawn = plot(args.out)
         print(f"wrote {drawn}" if drawn else "(no rows of batch 1: no plot)")
