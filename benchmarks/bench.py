@@ -17,8 +17,7 @@ one step each in turn, so that the machine's drift over minutes (10-15% on a sha
 Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
 (model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps
 (with --alternate, before each step: the median of the steps' fractions); the speed measured at the start of
-the run is in the JSON's meta. Writes a JSON file of all rows and prints a
-table.
+the run is in the JSON's meta. Writes a JSON file of all rows and prints a table.
 """
 import argparse
 import json
@@ -271,14 +270,15 @@ def run_alternating(impls, config_row, repeats, config, keep_heap=False):
 
 
 def _reply(proc, log) -> dict:
-    """The worker's next JSON line, or {"error": why} where it stopped."""
-    line = proc.stdout.readline()
-    if line.startswith("{"):
-        return json.loads(line)
+    """The worker's next JSON line (other lines of its output skipped), or {"error": why} where it stopped."""
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith("{"):
+            return json.loads(line)
     code = proc.wait()
     log.seek(0)
-    reason = "out of memory" if code in (-9, 137) else ((log.read().strip().splitlines() or [f"exit code {code}"])[-1][:160])
-    return {"error": reason}
+    if code in (-9, 137):
+        return {"error": "out of memory"}
+    return {"error": (log.read().strip().splitlines() or [f"exit code {code}"])[-1][:160]}
 
 
 def driver_version() -> str | None:
