@@ -13,7 +13,9 @@ tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU 
 length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
 worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
 right after; with --alternate (CPU) every implementation's worker of a configuration stays alive and they take
-one step each in turn, so that the machine's drift over minutes (10-15% on a shared VM) falls on all alike.
+one step each in turn, so that the machine's drift over minutes (10-15% on a shared VM) falls on all alike
+(but a process stepping after the others ran slower for a round or two, HF's for longer: see
+docs/benchmarks.md).
 Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
 (model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps
 (with --alternate, before each step: the median of the steps' fractions); the speed measured at the start of
@@ -241,7 +243,7 @@ def run_alternating(impls, config_row, repeats, config, keep_heap=False):
         proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         workers[impl] = proc, log
-        results[impl] = _reply(proc, log) or {}
+        results[impl] = _reply(proc, log)
         results[impl].update(times=[], step_matmul_tflops=[])
     for _ in range(repeats):
         for impl, (proc, log) in workers.items():
@@ -318,6 +320,7 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
                   alternate=False, log=print):
     """Measure every configuration with every implementation; rows saved to out (JSON) as they come.
     alternate (CPU): each configuration's implementations step in turn (run_alternating)."""
+    from longformer.files import atomic_write_text
     meta = environment(device, sorted({c[2] for c in configs}))
     meta["config"] = config
     meta["malloc_env"] = KEEP_HEAP if keep_heap else None
@@ -347,8 +350,8 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
             for name in impls:
                 if name != "hf" and name in rows[c]:
                     log(table_line(rows[c], name))
-        with open(out, "w") as f:  # after every result, so that an interrupted run keeps what it measured
-            json.dump({"meta": meta, "rows": list(rows.values())}, f, indent=1)
+        # after every result, so that an interrupted run keeps what it measured
+        atomic_write_text(out, json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
 
     if device == "cpu" and alternate:
         for c in configs:
