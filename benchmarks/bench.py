@@ -59,22 +59,39 @@ def set_tf32(on: bool):
 
 def matmul_speed(device, dtype):
     """The machine's measured speed for a model-shaped matmul ([rows x 768] @ [768 x 3072]), FLOP/s: the fastest
-    of three rounds, each result written into one preallocated tensor. On CPU a fresh result of 50 MB is a new
-    mapping from the OS whose page faults (10 ms of a 97 ms matmul on a 2-core EPYC) are no matmul time."""
+    of matmul_speeds' ways."""
+    return max(matmul_speeds(device, dtype).values())
+
+
+def matmul_speeds(device, dtype):
+    """{way: FLOP/s} for a model-shaped matmul, each the fastest of three rounds after a warm-up: torch.matmul
+    writing into one preallocated result (on CPU a fresh result of 50 MB is a new mapping from the OS whose page
+    faults, 10 ms of a 97 ms matmul on a 2-core EPYC, are no matmul time), and on CPU oneDNN's linear op on a
+    weight packed for it, 1,024 rows at a time (results from the heap). torch.matmul sends fp32 to MKL, which
+    on AMD CPUs runs at half oneDNN's speed: the fastest way is the machine's speed."""
     rows, reps = (16384, 50) if device == "cuda" else (4096, 10)
     set_tf32(dtype == "tf32")
     a = torch.randn(rows, 768, device=device, dtype=DTYPES[dtype])
     w = torch.randn(3072, 768, device=device, dtype=DTYPES[dtype])
     out = torch.empty(rows, 3072, device=device, dtype=DTYPES[dtype])
-    speeds = []
-    for _ in range(4):  # the first round warms up
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, w.t(), out=out)
-        sync(device)
-        speeds.append(2 * rows * 768 * 3072 * reps / (time.perf_counter() - t))
-    return max(speeds[1:])
+    ways = {"torch.matmul": lambda: torch.matmul(a, w.t(), out=out)}
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if device == "cpu" and onednn is not None and torch.backends.mkldnn.is_available() and \
+            (dtype == "fp32" or (dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
+        ways["onednn linear"] = lambda: [onednn(a[i:i + 1024], packed, None, "none", [], "") for i in range(0, rows, 1024)]
+    speeds = {}
+    for way, run in ways.items():
+        rounds = []
+        for _ in range(4):  # the first round warms up
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                run()
+            sync(device)
+            rounds.append(2 * rows * 768 * 3072 * reps / (time.perf_counter() - t))
+        speeds[way] = max(rounds[1:])
+    return speeds
 
 
 def sync(device):
@@ -308,7 +325,9 @@ def environment(device, dtypes):
     from longformer.kernels.sdpa import BACKEND_NAMES, choose_backends
     name = {backend: n for n, backend in BACKEND_NAMES.items()}
     meta["sdpa_backends"] = ",".join(name[b] for b in choose_backends(device))
-    meta["matmul_tflops"] = {d: matmul_speed(device, d) / 1e12 for d in dtypes}
+    speeds = {d: matmul_speeds(device, d) for d in dtypes}
+    meta["matmul_tflops"] = {d: max(s.values()) / 1e12 for d, s in speeds.items()}
+    meta["matmul_tflops_by_way"] = {d: {way: v / 1e12 for way, v in s.items()} for d, s in speeds.items()}
     set_tf32(False)
     return meta
 

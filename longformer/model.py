@@ -286,7 +286,7 @@ class LongformerLMHead(nn.Module):
 
     def forward(self, h, tied=None):
         """tied: the TiedGradient of the forward pass whose word embeddings made h, or None."""
-        h = self.layer_norm(F.gelu(self.dense(h)))
+        h = self.layer_norm(F.gelu(linear(h, self.dense.weight, self.dense.bias)))
         return linear(h, self.word_embeddings[0].weight, self.bias, tied=tied)
 
 

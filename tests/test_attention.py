@@ -414,6 +414,49 @@ def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(monkeypa
         torch.testing.assert_close(mine.float(), ref.float(), atol=1e-2 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.skipif(not __import__("longformer.kernels.linear").kernels.linear._ONEDNN_DTYPES,
+                    reason="this torch build has no oneDNN linear op")
+@pytest.mark.parametrize("act_name", ["gelu", None])
+def test_cpu_linear_products_run_through_onednn_with_fp32_accuracy(monkeypatch, act_name):
+    """On CPU the linear layers' fp32 products (forward, input gradient, weight gradient; with and without the
+    activation recomputed in backward, in chunks of rows and of output features) go through oneDNN's linear op
+    rather than torch.matmul's MKL, and equal the float64 products to fp32's precision; without autograd, and
+    under bf16 autocast in the dtype and to the precision of F.linear's."""
+    from longformer.kernels import linear as lean, rows
+    from longformer.model import ACT_FNS
+    calls = []
+    monkeypatch.setattr(lean, "_onednn_linear", lambda *a: calls.append(a[0].dtype) or torch.ops.mkldnn._linear_pointwise(*a))
+    monkeypatch.setattr(lean, "GRAD_CHUNK", 3)
+    monkeypatch.setattr(rows, "CHUNK_ROWS", 4)
+    act = ACT_FNS[act_name] if act_name else None
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    layer = torch.nn.Linear(12, 4)
+    weight = torch.linspace(-1, 1, 2 * 5 * 4).view(2, 5, 4)
+
+    def products(h, w, b, fn):
+        out = fn(h, w, b)
+        return (out, *torch.autograd.grad((out * weight.to(out.dtype)).sum(), (h, w, b)))
+
+    mine = products(h, layer.weight, layer.bias, lambda h, w, b: lean.linear(h, w, b, act))
+    # 3 chunks of 4 rows (10 rows): in the forward one product each, in backward the input gradient's and the weight
+    # gradient's 2 chunks of output features (4 features, 3 a chunk)
+    assert calls == [torch.float32] * (3 + 3 * (1 + 2))
+    exact = products(*(t.detach().double().requires_grad_() for t in (h, layer.weight, layer.bias)),
+                     lambda h, w, b: torch.nn.functional.linear(h if act is None else act(h), w, b))
+    for m, e in zip(mine, exact):
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m.double(), e, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(lean.linear(h, layer.weight, layer.bias, act).double(), exact[0], rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, reference = lean.linear(h, layer.weight, layer.bias, act), layer(h if act is None else act(h))
+    assert calls == [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in lean._ONEDNN_DTYPES)
+    assert mixed.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_act_linear_without_rows_gives_zero_gradients():
     """No rows at all (a masked-LM batch with nothing predicted, logits at the labels only): an empty output,
     and weight and bias gradients of zero, not whatever memory the gradient was written into."""

@@ -9,11 +9,37 @@ keep both h and act(h) [B, L, intermediate], a layer's two largest tensors (100 
 fp32), where act(h) costs one elementwise pass. On CPU the work goes a chunk of rows at a time (kernels/rows.py):
 act(h), its gradient and the gradient into it are then 12 MB pieces from the heap rather than 50 MB fresh mappings
 (0.12 GB less peak memory in a training step of longformer-base at 4,096 tokens).
+
+On CPU the products go through oneDNN's linear op (matmul_t). torch.matmul sends fp32 to MKL, whose sgemm takes a
+slower code path on AMD CPUs than on Intel's: on the 2-core EPYC of CI it ran the products of longformer-base
+(forward, input gradient, weight gradient) at 0.17-0.21 TFLOP/s, oneDNN at 0.28-0.47, to the same fp32 accuracy.
+torch.matmul sends bf16 to oneDNN already; there the op, with its bias fused, was 5-10% faster in the forward,
+torch.matmul faster for the weight gradient, which keeps it.
 """
 import torch
 import torch.nn.functional as F
 
 from .rows import in_row_chunks, row_slices
+
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+# The dtypes it takes: bf16 only where the CPU has bf16 instructions.
+_ONEDNN_DTYPES = () if _onednn_linear is None else (
+    (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,))
+
+
+def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) as F.linear computes it, autocast's cast included: x [..., K], w [N, K], any strides.
+    On CPU in eager mode through oneDNN's linear op (see above; unless torch.backends.mkldnn.enabled is off),
+    else F.linear."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return F.linear(x, w, bias)
+    if torch.is_autocast_enabled("cpu"):  # autocast knows nothing of the oneDNN op: its cast, done here
+        dtype = torch.get_autocast_dtype("cpu")
+        x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+    if (x.dtype != w.dtype or x.dtype not in _ONEDNN_DTYPES or x.shape[-1] == 0
+            or not torch.backends.mkldnn.enabled):
+        return F.linear(x, w, bias)
+    return _onednn_linear(x, w, bias, "none", [], "")
 
 
 class ActLinear(torch.autograd.Function):
@@ -30,7 +56,7 @@ class ActLinear(torch.autograd.Function):
         # backward, which casts the weight otherwise (77 MB for longformer-base, and as many page faults, a step).
         ctx.save_for_backward(h, weight, bias, cast_weight if tied is not None else None)
         w, b = (weight, bias) if cast_weight is None else (cast_weight, None if bias is None else bias.to(ctx.cast))
-        return in_row_chunks(lambda x: F.linear(x if act is None else act(x), w, b), h)
+        return in_row_chunks(lambda x: matmul_t(x if act is None else act(x), w, b), h)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -45,7 +71,7 @@ class ActLinear(torch.autograd.Function):
                 x = hs[rows].detach().requires_grad_(ctx.act is not None)
                 a = x if ctx.act is None else ctx.act(x)
             if grad_h is not None:
-                grad_a = torch.matmul(gs[rows], w).to(a.dtype)
+                grad_a = matmul_t(gs[rows], w.t()).to(a.dtype)
                 grad_h[rows] = grad_a if ctx.act is None else torch.autograd.grad(a, x, grad_a)[0]
             if grad_w is not None:
                 _add_weight_grad(grad_w, gs[rows], cast(a.detach()), first=i == 0)
@@ -60,23 +86,26 @@ def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, fir
     unread: no zeroed gradient the size of the weight), output features a chunk at a time: the product in
     autocast's dtype is never whole beside the fp32 gradient (77 + 154 MB for the vocabulary decoder)."""
     for chunk, out in zip(g.split(GRAD_CHUNK, dim=1), grad_w.split(GRAD_CHUNK)):
-        if out.dtype == chunk.dtype:
-            out.addmm_(chunk.t(), a, beta=0 if first else 1)
-        elif first:
-            out.copy_(chunk.t() @ a)
+        # fp32 through oneDNN (matmul_t); bf16 through torch.matmul, which runs oneDNN too and was faster here
+        product = matmul_t(chunk.t(), a.t()) if a.dtype == torch.float32 else chunk.t() @ a  # [out chunk, in]
+        if first:
+            out.copy_(product)
         else:
-            out += chunk.t() @ a
+            out += product
 
 
 GRAD_CHUNK = 4096  # output features per chunk of the weight gradient
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act=None, tied=None) -> torch.Tensor:
-    """F.linear(act(x), weight, bias), through ActLinear in training where it saves memory: with an activation,
-    or under autocast, or with tied (a kernels.tied.TiedGradient, which then receives the weight's gradient).
-    torch.compile and export see the plain expression (compile recomputes by itself)."""
-    plain = (torch.compiler.is_compiling() or torch.compiler.is_exporting() or not torch.is_grad_enabled()
-             or (act is None and tied is None and not torch.is_autocast_enabled(x.device.type)))
-    if plain:
+    """F.linear(act(x), weight, bias); in training through ActLinear where it saves memory (with an activation,
+    or under autocast, or with tied: a kernels.tied.TiedGradient, which then receives the weight's gradient) or
+    time (on CPU, where its products go through matmul_t). torch.compile and export see the plain expression
+    (compile recomputes by itself)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return F.linear(x if act is None else act(x), weight, bias)
+    if not torch.is_grad_enabled():
+        return matmul_t(x if act is None else act(x), weight, bias)
+    if act is None and tied is None and not torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu":
+        return F.linear(x, weight, bias)
     return ActLinear.apply(x, weight, bias, act, tied)
