@@ -13,9 +13,9 @@ tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU 
 length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
 worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
 right after; with --alternate (CPU) every implementation's worker of a configuration stays alive and they take
-one step each in turn, so that the machine's drift over minutes (10-15% on a shared VM) falls on all alike
-(but a process stepping after the others ran slower for a round or two, HF's for longer: see
-docs/benchmarks.md).
+one step each in turn, the order rotating each round, so that the machine's drift over minutes (10-15% on a
+shared VM) falls on all alike (but a process stepping after the others ran slower for a round or two, HF's for
+longer: see docs/benchmarks.md).
 Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
 (model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps
 (with --alternate, before each step: the median of the steps' fractions); the speed measured at the start of
@@ -250,8 +250,9 @@ def run_worker(impl, configs, repeats, device, config, keep_heap=False):
 
 def run_alternating(impls, config_row, repeats, config, keep_heap=False):
     """{impl: result} for one configuration on CPU, the implementations' steps alternating: a worker process
-    each, alive together (each warmed up in turn), each taking one step in turn, repeats rounds. The machine's
-    speed drifts by 10-15% over minutes; this way the drift falls on every implementation alike."""
+    each, alive together (each warmed up in turn), each taking one step in turn, repeats rounds, the order
+    rotating from round to round. The machine's speed drifts by 10-15% over minutes; this way the drift falls
+    on every implementation alike."""
     env = {**os.environ, **KEEP_HEAP} if keep_heap else None
     workers, results = {}, {}
     for impl in impls:
@@ -262,8 +263,13 @@ def run_alternating(impls, config_row, repeats, config, keep_heap=False):
         workers[impl] = proc, log
         results[impl] = _reply(proc, log)
         results[impl].update(times=[], step_matmul_tflops=[])
-    for _ in range(repeats):
-        for impl, (proc, log) in workers.items():
+    for round_ in range(repeats):
+        # The order rotates each round: a process stepping right after another (HF's, with 3-4x our memory) ran
+        # slower, so that the one always after HF read 1.18x its neighbour where one process alternating them
+        # measured 1.06x.
+        names = list(workers)[round_ % len(workers):] + list(workers)[:round_ % len(workers)]
+        for impl in names:
+            proc, log = workers[impl]
             if "error" in results[impl]:
                 continue
             proc.stdin.write("step\n")
