@@ -237,6 +237,8 @@ def _keep_matmul_outputs():
     """Selective checkpointing: the linear layers' outputs are kept, everything else in a layer (attention,
     LayerNorm, GELU, dropout, the key windows) is recomputed in the backward pass."""
     keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the linear layers' op on CPU (kernels/linear.matmul_t)
+        keep.add(torch.ops.mkldnn._linear_pointwise.default)
     policy = lambda ctx, op, *args, **kwargs: (  # noqa: E731
         CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE)
     return create_selective_checkpoint_contexts(policy)

@@ -234,6 +234,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
             torch.testing.assert_close(g1[name], grad)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_selective_checkpointing_recomputes_no_linear_layer(autocast):
+    """"selective" keeps the linear layers' outputs, whichever op computes them (on CPU oneDNN's linear op,
+    kernels/linear.matmul_t): its backward runs as many matrix products as the backward without checkpointing,
+    where full checkpointing runs the forward's again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}  # the linear layers (attention: bmm)
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        products.add(torch.ops.mkldnn._linear_pointwise.default)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[-1] += func in products
+            return func(*args, **(kwargs or {}))
+
+    ids, am, gm = make_batch(2, 17, seed=5, n_global=2)
+    backward = {}
+    for mode in (False, "selective", True):
+        torch.manual_seed(0)
+        model = longformer.LongformerModel(tiny([4, 6], hidden_dropout_prob=0.1, gradient_checkpointing=mode)).to(DEVICE)
+        counts = [0]
+        with Count():
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
+            counts.append(0)
+            out.float().sum().backward()
+        backward[mode] = counts[-1]
+    assert backward["selective"] == backward[False] < backward[True]
+
+
 def test_backend_can_be_switched_on_a_built_model(monkeypatch):
     """The scripts set config.attention_backend after building the model: the layers must follow it."""
     import longformer.attention.self_attention as sa
