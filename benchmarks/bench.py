@@ -75,11 +75,11 @@ def matmul_speeds(device, dtype):
     w = torch.randn(3072, 768, device=device, dtype=DTYPES[dtype])
     out = torch.empty(rows, 3072, device=device, dtype=DTYPES[dtype])
     ways = {"torch.matmul": lambda: torch.matmul(a, w.t(), out=out)}
-    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if device == "cpu" and onednn is not None and torch.backends.mkldnn.is_available() and \
-            (dtype == "fp32" or (dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
+    from longformer.kernels.linear import ONEDNN_DTYPES
+    if device == "cpu" and DTYPES[dtype] in ONEDNN_DTYPES:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
-        ways["onednn linear"] = lambda: [onednn(a[i:i + 1024], packed, None, "none", [], "") for i in range(0, rows, 1024)]
+        ways["onednn linear"] = lambda: [torch.ops.mkldnn._linear_pointwise(a[i:i + 1024], packed, None, "none", [], "")
+                                         for i in range(0, rows, 1024)]
     speeds = {}
     for way, run in ways.items():
         rounds = []

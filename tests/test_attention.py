@@ -7,6 +7,7 @@ import longformer
 from device import DEVICE, on_device
 from longformer.attention.masks import AttentionMasks, document_segments
 from longformer.kernels.banded import key_windows, num_keys, sliding_window_attention, window_mask
+from longformer.kernels.linear import ONEDNN_DTYPES
 from longformer.kernels.strided import strided_band_attention
 
 
@@ -253,7 +254,8 @@ def test_selective_checkpointing_recomputes_no_linear_layer(autocast):
     backward = {}
     for mode in (False, "selective", True):
         torch.manual_seed(0)
-        model = longformer.LongformerModel(tiny([4, 6], hidden_dropout_prob=0.1, gradient_checkpointing=mode)).to(DEVICE)
+        config = tiny([4, 6], hidden_dropout_prob=0.1, gradient_checkpointing=mode)
+        model = longformer.LongformerModel(config).to(DEVICE)
         counts = [0]
         with Count():
             with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
@@ -444,8 +446,7 @@ def test_act_linear_keeps_only_its_input_and_gives_linear_act_gradients(monkeypa
         torch.testing.assert_close(mine.float(), ref.float(), atol=1e-2 * ref.abs().max().item(), rtol=0)
 
 
-@pytest.mark.skipif(not __import__("longformer.kernels.linear").kernels.linear._ONEDNN_DTYPES,
-                    reason="this torch build has no oneDNN linear op")
+@pytest.mark.skipif(not ONEDNN_DTYPES, reason="this torch build has no oneDNN linear op")
 @pytest.mark.parametrize("act_name", ["gelu", None])
 def test_cpu_linear_products_run_through_onednn_with_fp32_accuracy(monkeypatch, act_name):
     """On CPU the linear layers' fp32 products (forward, input gradient, weight gradient; with and without the
@@ -482,7 +483,7 @@ def test_cpu_linear_products_run_through_onednn_with_fp32_accuracy(monkeypatch, 
         torch.testing.assert_close(lean.linear(h, layer.weight, layer.bias, act).double(), exact[0], rtol=1e-5, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed, reference = lean.linear(h, layer.weight, layer.bias, act), layer(h if act is None else act(h))
-    assert calls == [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in lean._ONEDNN_DTYPES)
+    assert calls == [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in ONEDNN_DTYPES)
     assert mixed.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), reference.float(), rtol=1e-2, atol=1e-2)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from .rows import in_row_chunks, row_slices
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-# The dtypes it takes: bf16 only where the CPU has bf16 instructions.
-_ONEDNN_DTYPES = () if _onednn_linear is None else (
+# The dtypes matmul_t sends to it: bf16 only where the CPU has bf16 instructions.
+ONEDNN_DTYPES = () if _onednn_linear is None else (
     (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,))
 
 
@@ -36,7 +36,7 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
     if torch.is_autocast_enabled("cpu"):  # autocast knows nothing of the oneDNN op: its cast, done here
         dtype = torch.get_autocast_dtype("cpu")
         x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
-    if (x.dtype != w.dtype or x.dtype not in _ONEDNN_DTYPES or x.shape[-1] == 0
+    if (x.dtype != w.dtype or x.dtype not in ONEDNN_DTYPES or x.shape[-1] == 0
             or not torch.backends.mkldnn.enabled):
         return F.linear(x, w, bias)
     return _onednn_linear(x, w, bias, "none", [], "")
