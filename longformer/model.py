@@ -12,7 +12,7 @@ from .config import LongformerConfig
 from .kernels.cross_entropy import cross_entropy
 from .kernels.dropout import Dropout
 from .kernels.layer_norm import LayerNorm
-from .kernels.linear import linear
+from .kernels.linear import cached_casts, linear
 from .kernels.rows import in_row_chunks
 from .kernels.tied import TiedGradient, TiedLookup
 
@@ -115,7 +115,9 @@ class LongformerLayer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
-        return in_row_chunks(self.per_token, x, self.attn(x, masks))
+        attended = self.attn(x, masks)
+        with cached_casts():  # without autograd, per_token runs a chunk at a time: each weight cast once
+            return in_row_chunks(self.per_token, x, attended)
 
     def per_token(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the layer, token by token: x and attended [..., C] -> [..., C]. In training the feed-forward's

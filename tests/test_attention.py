@@ -470,9 +470,10 @@ def test_cpu_linear_products_run_through_onednn_with_fp32_accuracy(monkeypatch, 
         return (out, *torch.autograd.grad((out * weight.to(out.dtype)).sum(), (h, w, b)))
 
     mine = products(h, layer.weight, layer.bias, lambda h, w, b: lean.linear(h, w, b, act))
-    # 3 chunks of 4 rows (10 rows): in the forward one product each, in backward the input gradient's and the weight
-    # gradient's 2 chunks of output features (4 features, 3 a chunk)
-    assert calls == [torch.float32] * (3 + 3 * (1 + 2))
+    # 3 chunks of 4 rows (10 rows): in the forward one product each where the activation is computed a chunk at a
+    # time (one product for all rows without it), in backward the input gradient's and the weight gradient's 2
+    # chunks of output features (4 features, 3 a chunk)
+    assert calls == [torch.float32] * ((3 if act else 1) + 3 * (1 + 2))
     exact = products(*(t.detach().double().requires_grad_() for t in (h, layer.weight, layer.bias)),
                      lambda h, w, b: torch.nn.functional.linear(h if act is None else act(h), w, b))
     for m, e in zip(mine, exact):
@@ -486,6 +487,35 @@ def test_cpu_linear_products_run_through_onednn_with_fp32_accuracy(monkeypatch, 
     assert calls == [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in ONEDNN_DTYPES)
     assert mixed.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_cached_casts_cast_each_weight_once_and_see_changes_in_place():
+    """Under autocast without autograd, matmul_t inside cached_casts casts a weight and bias once for all its
+    calls, to the same result; a weight changed in place is cast again; outside, nothing is kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from longformer.kernels import linear as lean
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape in ((4, 12), (4,)):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    layer, x = torch.nn.Linear(12, 4), torch.randn(3, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = lean.matmul_t(x, layer.weight, layer.bias)
+        with lean.cached_casts(), Casts() as casts:
+            casts.count = 0
+            once = [lean.matmul_t(x, layer.weight, layer.bias) for _ in range(3)]
+            assert casts.count == 2
+            layer.weight.mul_(2)
+            doubled = lean.matmul_t(x, layer.weight, layer.bias)
+            assert casts.count == 3
+        assert lean._casts is None
+    for out in once:
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    bias = layer.bias.to(torch.bfloat16).float()
+    torch.testing.assert_close(doubled.float() - bias, 2 * (plain.float() - bias), rtol=2e-2, atol=2e-2)
 
 
 def test_act_linear_without_rows_gives_zero_gradients():
