@@ -365,6 +365,35 @@ def test_cpu_dropout_keeps_1_minus_p_of_a_million_scores_and_draws_afresh_per_gr
     assert torch.equal(attention(), out)
 
 
+def test_cpu_attention_dropout_differs_across_layers_steps_and_ranks(monkeypatch):
+    """The band kernel's decisions, recorded in a model's forward: each layer draws its own, each step draws
+    afresh, another seed (the trainer seeds each rank with seed + rank) draws others, and the same seed draws
+    the same again (what a resumed run relies on)."""
+    from longformer.kernels import strided
+    drawn, draw = [], strided.draw_keep
+    monkeypatch.setattr(strided, "draw_keep", lambda *args: drawn.append(draw(*args)) or drawn[-1])
+    model = longformer.LongformerModel(tiny([8, 8], attention_probs_dropout_prob=0.1)).train()
+    ids = torch.randint(3, 50, (1, 40))
+
+    def steps(seed, n):  # the decisions of each step, each layer's apart: [step][layer]
+        torch.manual_seed(seed)
+        out = []
+        for _ in range(n):
+            drawn.clear()
+            model(ids)
+            assert len(drawn) % 2 == 0 and drawn
+            half = len(drawn) // 2
+            out.append([torch.cat([d.flatten() for d in drawn[:half]]), torch.cat([d.flatten() for d in drawn[half:]])])
+        return out
+
+    rank0, rank1, again = steps(0, 2), steps(1, 1), steps(0, 2)
+    assert not torch.equal(rank0[0][0], rank0[0][1])  # layers
+    assert not torch.equal(rank0[0][0], rank0[1][0])  # steps
+    assert not torch.equal(rank0[0][0], rank1[0][0])  # ranks
+    for a, b in zip(rank0, again):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_hidden_dropout_keeps_1_minus_p_and_drops_the_same_in_backward():
     """The hidden dropout on CPU: over 10^6 values the kept fraction is within 0.5% of 1 - p; backward drops
     exactly what forward dropped (its decisions kept as bits); a new call draws afresh; a seed repeats them;
