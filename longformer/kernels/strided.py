@@ -58,6 +58,15 @@ def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
     return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
 
+def _rows(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """Rows first .. end - 1 of x [L, *rest], zeros where they fall outside it: a view of x where none do."""
+    L = x.shape[0]
+    if first >= 0 and end <= L:
+        return x[first:end]
+    zeros = lambda m: x.new_zeros(m, *x.shape[1:])  # noqa: E731
+    return torch.cat([zeros(max(0, -first)), x[max(first, 0):min(end, L)], zeros(max(0, end - L))])
+
+
 def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor:
     """xp [R, *rest] (one example, padded) -> the view [nc, length, *rest] whose block c is rows c * block onwards."""
     step = xp.stride(0)
@@ -112,17 +121,26 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
     B, L, H, D = q.shape
     nc, n = mask.shape[1], mask.shape[3]
     qp = _padded(q, 0, nc * n)
-    kp, vp = (_padded(x, w, nc * n + 2 * w) for x in (k, v))
-    out, lse = [], []
+    out, lse = q.new_empty(B, nc * n, H, D), q.new_empty(B, H, nc * n)
+    # Blocks lo .. hi - 1 have windows inside the sequence: views of k and v themselves. Only the blocks at either
+    # end, whose windows reach past it, read a padded copy of the rows they need (not of all of k and v: 2 x 12 MB
+    # copied, into fresh pages, a layer of longformer-base at 4,096 tokens).
+    lo = min(-(-w // n), nc)
+    hi = max(lo, min(nc, (L - w - n) // n + 1))
     for b in range(B):  # the windows are a view of one example's rows: a batch of examples is no single stride
-        kw, vw = (_windows(x[b], nc, n, 2 * w + n).transpose(1, 2) for x in (kp, vp))  # [nc, H, S, D]
-        o, s = _flash_with_lse(qp[b].view(nc, n, H, D).transpose(1, 2), kw, vw, 0.0, False, attn_mask=mask[b])
-        out.append(o.transpose(1, 2).reshape(nc * n, H, D))  # o [nc, H, n, D], stored [nc, n, H, D]
-        lse.append(s.transpose(0, 1).reshape(H, nc * n))  # s [nc, H, n]
-    out = (out[0][None] if B == 1 else torch.stack(out))[:, :L]  # [B, L, H, D]
+        for c0, c1 in ((0, lo), (lo, hi), (hi, nc)):
+            if c0 == c1:
+                continue
+            kw, vw = (_windows(_rows(x[b], c0 * n - w, c1 * n + w), c1 - c0, n, 2 * w + n).transpose(1, 2)
+                      for x in (k, v))  # [blocks, H, S, D]
+            o, s = _flash_with_lse(qp[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).transpose(1, 2), kw, vw, 0.0, False,
+                                   attn_mask=mask[b, c0:c1])
+            out[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).copy_(o.transpose(1, 2))  # o [blocks, H, n, D]
+            lse[b, :, c0 * n:c1 * n].view(H, c1 - c0, n).copy_(s.transpose(0, 1))  # s [blocks, H, n]
+    out = out[:, :L]
     if k_global is None:
         return out
-    lse = torch.stack(lse)[..., :L]  # [B, H, L]
+    lse = lse[..., :L]  # [B, H, L]
     scores = torch.matmul(q.transpose(1, 2), k_global.permute(0, 2, 3, 1)).mul_(1.0 / math.sqrt(D))  # [B, H, L, G]
     scores.masked_fill_(~global_allowed[:, None], torch.finfo(scores.dtype).min)
     total = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))  # [B, H, L]
