@@ -6,7 +6,8 @@ windows are one as_strided view [nc, 2w + n, *] of the padded k. Blocks of w que
 key blocks (banded.key_windows) score 3w keys for the 2w + 1 each query may see; blocks of 64 score 2w + 64.
 Two kernels read the views (measured, one layer of longformer-base at 4,096 tokens on a 2-core EPYC):
 
-- "flash", fp32 without autograd or dropout: CPU's fused flash kernel (blocks of 32). The
+- "flash", fp32 without autograd or dropout: CPU's fused flash kernel (blocks of 32), the inner blocks'
+  windows views of k and v themselves, the end blocks' views of padded copies of their rows. The
   global keys cannot be part of the view; they are attended apart and merged through the log-sum-exp of
   each part, which the flash kernel returns (the public SDPA does not):
   out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
