@@ -59,15 +59,6 @@ def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
     return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
 
-def _rows(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
-    """Rows first .. end - 1 of x [L, *rest], zeros where they fall outside it: a view of x where none do."""
-    L = x.shape[0]
-    if first >= 0 and end <= L:
-        return x[first:end]
-    zeros = lambda m: x.new_zeros(m, *x.shape[1:])  # noqa: E731
-    return torch.cat([zeros(max(0, -first)), x[max(first, 0):min(end, L)], zeros(max(0, end - L))])
-
-
 def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor:
     """xp [R, *rest] (one example, padded) -> the view [nc, length, *rest] whose block c is rows c * block onwards."""
     step = xp.stride(0)
@@ -132,8 +123,9 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
         for c0, c1 in ((0, lo), (lo, hi), (hi, nc)):
             if c0 == c1:
                 continue
-            kw, vw = (_windows(_rows(x[b], c0 * n - w, c1 * n + w), c1 - c0, n, 2 * w + n).transpose(1, 2)
-                      for x in (k, v))  # [blocks, H, S, D]
+            first, end = c0 * n - w, c1 * n + w  # the rows of k and v these windows read
+            rows = (_padded(x[b:b + 1, max(first, 0):min(end, L)], max(-first, 0), end - first)[0] for x in (k, v))
+            kw, vw = (_windows(r, c1 - c0, n, 2 * w + n).transpose(1, 2) for r in rows)  # [blocks, H, S, D]
             o, s = _flash_with_lse(qp[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).transpose(1, 2), kw, vw, 0.0, False,
                                    attn_mask=mask[b, c0:c1])
             out[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).copy_(o.transpose(1, 2))  # o [blocks, H, n, D]
