@@ -1,15 +1,16 @@
 """Export a Longformer for serving: ONNX, checked in onnxruntime before it is written, or a torch.export program.
 
-    python -m longformer.export CKPT model.onnx                       # any head; batch and length dynamic
-    python -m longformer.export CKPT model.onnx --max-global-tokens 64   # e.g. a question's tokens for QA
+    python -m longformer.export CKPT model.onnx                          # any head; batch, length, global count dynamic
+    python -m longformer.export CKPT model.onnx --max-global-tokens 64   # a fixed-shape graph: 64 global slots
     python -m longformer.export CKPT model.pt2 --format torch-export
 
-The exported graph takes input_ids, attention_mask and global_attention_mask ([batch, length], int64) and
-returns the head's main output (last_hidden_state, or logits). Lengths need not be a multiple of the window,
-and global tokens may differ per example, up to a static number of slots per example (--max-global-tokens):
-the graph holds no branch on tensor values. `OnnxLongformer` runs an exported ONNX file with the checks the
-graph cannot make (too many global tokens, too long an input), and the defaults of the PyTorch classes.
-onnx, onnxscript and onnxruntime are an optional extra: pip install "longformer[export]".
+The exported graph takes input_ids, attention_mask and global_attention_mask ([batch, length], int64; multiple
+choice [batch, choices, length]) and returns the head's outputs (last_hidden_state; logits; QA's start_logits and
+end_logits). Lengths need not be a multiple of the window, and each example may have any number of global tokens,
+up to all of them: the graph sizes its global slots from the mask when it runs. With --max-global-tokens N it has
+N static slots instead, and an example with more than N global tokens gets NaN outputs, never a plausible number.
+`OnnxLongformer` runs an exported ONNX file with the PyTorch classes' default global tokens and a clear error for
+an input the graph cannot take. onnx, onnxscript and onnxruntime are an optional extra: pip install "longformer[export]".
 """
 import argparse
 import contextlib
@@ -21,34 +22,46 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .model import (LongformerForMaskedLM, LongformerForSequenceClassification, LongformerForTokenClassification,
-                    LongformerModel)
+from .model import (LongformerForMaskedLM, LongformerForMultipleChoice, LongformerForQuestionAnswering,
+                    LongformerForSequenceClassification, LongformerForTokenClassification, LongformerModel,
+                    _segment_global_mask)
 
 HEADS = {cls.__name__: cls for cls in (LongformerModel, LongformerForMaskedLM, LongformerForSequenceClassification,
-                                       LongformerForTokenClassification)}
+                                       LongformerForTokenClassification, LongformerForQuestionAnswering,
+                                       LongformerForMultipleChoice)}
 INPUTS = ("input_ids", "attention_mask", "global_attention_mask")
 TOLERANCE = 1e-4
+DYNAMIC = "dynamic"  # the max_global_tokens metadata of a graph that sizes its global slots at run time
 
 
-def output_name(model) -> str:
-    return "last_hidden_state" if isinstance(model, LongformerModel) else "logits"
+def output_names(model) -> list[str]:
+    if isinstance(model, LongformerModel):
+        return ["last_hidden_state"]
+    if isinstance(model, LongformerForQuestionAnswering):
+        return ["start_logits", "end_logits"]
+    return ["logits"]
+
+
+def _input_rank(model) -> int:
+    return 3 if isinstance(model, LongformerForMultipleChoice) else 2
 
 
 class _Exportable(torch.nn.Module):
-    """The model with the three inputs as positional tensors and its main output as the only one."""
+    """The model with the three inputs as positional tensors and its outputs (output_names) as a tuple."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, output_names(model)
 
     def forward(self, input_ids, attention_mask, global_attention_mask):
-        return self.model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)[0]
+        out = self.model(input_ids, attention_mask=attention_mask, global_attention_mask=global_attention_mask)
+        return tuple(getattr(out, name) for name in self.names)
 
 
 @contextlib.contextmanager
-def _export_settings(model, max_global_tokens: int):
-    """Eval mode, global tokens in max_global_tokens static slots, and the explicit attention kernel (plain
-    matmul and softmax, which every runtime has); the model's own settings are restored afterwards."""
+def _export_settings(model, max_global_tokens: int | None):
+    """Eval mode, global slots sized at run time (or max_global_tokens static ones), and the explicit attention
+    kernel (plain matmul and softmax, which every runtime has); the model's own settings are restored afterwards."""
     cfg = model.config
     saved = cfg.attention_backend, cfg.max_global_tokens, model.training
     cfg.attention_backend, cfg.max_global_tokens = "chunked", max_global_tokens
@@ -61,18 +74,20 @@ def _export_settings(model, max_global_tokens: int):
 
 
 def _example(model):
-    """A padded batch of 2 x (2 windows + 3) tokens with one global token each: shapes to trace with."""
+    """A padded batch of 2 x (2 windows + 3) tokens with one global token each (2 x 2 choices for multiple
+    choice): shapes to trace with."""
     L = min(2 * max(model.config.attention_window) + 3, model.config.max_length)
-    ids = torch.randint(3, model.config.vocab_size, (2, L))
+    shape = (2, 2, L) if _input_rank(model) == 3 else (2, L)
+    ids = torch.randint(3, model.config.vocab_size, shape)
     am = torch.ones_like(ids)
-    am[1, L // 2:] = 0
+    am[1, ..., L // 2:] = 0
     gm = torch.zeros_like(ids)
-    gm[:, 0] = 1
+    gm[..., 0] = 1
     return ids, am, gm
 
 
-def _dynamic_shapes():
-    dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+def _dynamic_shapes(model):
+    dims = {i: torch.export.Dim.DYNAMIC for i in range(_input_rank(model))}
     return {name: dims for name in INPUTS}
 
 
@@ -83,48 +98,86 @@ def _size_oblivious():
     return fx_config.patch(backed_size_oblivious=True)
 
 
-def export_program(model, max_global_tokens: int = 1) -> torch.export.ExportedProgram:
-    """torch.export of the model, batch and length dynamic."""
+def export_program(model, max_global_tokens: int | None = None) -> torch.export.ExportedProgram:
+    """torch.export of the model, batch, length and the number of global tokens dynamic (or max_global_tokens
+    static slots)."""
     with _export_settings(model, max_global_tokens) as wrapped, torch.no_grad(), _size_oblivious():
-        return torch.export.export(wrapped, _example(model), dynamic_shapes=_dynamic_shapes())
+        return torch.export.export(wrapped, _example(model), dynamic_shapes=_dynamic_shapes(model))
 
 
-def check_batches(model, max_global_tokens: int, seed: int = 0):
-    """Batches unlike the traced one: lengths 1, w and 3w + 5 (w the widest one-sided window, within the
-    position table); one example with 0, 1 and max_global_tokens global tokens in turn, and three examples of
-    different lengths (padding) with those counts."""
+def global_counts(max_global_tokens: int | None) -> list:
+    """The global tokens per example that the check runs: 0, 1, 2, 7 and "all" (every real token), or with
+    static slots 0, 1 and the slot count."""
+    if max_global_tokens is None:
+        return [0, 1, 2, 7, "all"]
+    return sorted({0, min(1, max_global_tokens), max_global_tokens})
+
+
+def _batch(model, L: int, rows, g):
+    """rows: (length, global count) per example -> input_ids, attention_mask, global_attention_mask [N, L], the
+    global tokens at random positions among the real ones."""
+    ids = torch.randint(3, model.config.vocab_size, (len(rows), L), generator=g)
+    am = (torch.arange(L)[None] < torch.tensor([n for n, _ in rows])[:, None]).long()
+    ids[am == 0] = model.config.pad_token_id
+    gm = torch.zeros_like(ids)
+    for b, (n, count) in enumerate(rows):
+        gm[b, torch.randperm(n, generator=g)[:n if count == "all" else count]] = 1
+    return ids, am, gm
+
+
+def check_batches(model, max_global_tokens: int | None = None, seed: int = 0):
+    """Batches unlike the traced one, at lengths 1, w and 3w + 5 (w the widest one-sided window, within the
+    position table): one example for each of global_counts alone, then six examples of three lengths (padding)
+    with all those counts mixed. Multiple choice gets the same rows as choices: [1, 1, L] and [3, 2, L]."""
     g = torch.Generator().manual_seed(seed)
     w = max(model.config.attention_window) // 2
-    counts = sorted({0, min(1, max_global_tokens), max_global_tokens})
+    counts = global_counts(max_global_tokens)
     for L in sorted({1, w, min(3 * w + 5, model.config.max_length)}):
-        shapes = [([L], [c]) for c in counts] + [([L, max(1, L // 2), max(1, L - 1)], counts[-1:] + counts[:2])]
-        for lengths, n_global in shapes:
-            B = len(lengths)
-            ids = torch.randint(3, model.config.vocab_size, (B, L), generator=g)
-            am = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
-            ids[am == 0] = model.config.pad_token_id
-            gm = torch.zeros_like(ids)
-            for b in range(B):
-                gm[b, torch.randperm(lengths[b], generator=g)[:n_global[b % len(n_global)]]] = 1
-            yield ids, am, gm
+        lengths = [L, max(1, L // 2), max(1, L - 1)]
+        mixed = [(lengths[i % 3], counts[i % len(counts)]) for i in range(6)]
+        for rows in [[(L, c)] for c in counts] + [mixed]:
+            batch = _batch(model, L, rows, g)
+            if _input_rank(model) == 3:
+                batch = tuple(t.view(-1, min(2, len(rows)), L) for t in batch)
+            yield batch
 
 
-def compare(model, run, max_global_tokens: int) -> float:
-    """The largest difference between run(ids, am, gm) (numpy or torch) and the model in PyTorch, over
-    check_batches."""
+def compare(model, run, max_global_tokens: int | None = None) -> float:
+    """The largest difference between run(ids, am, gm) (a sequence of numpy or torch outputs) and the model in
+    PyTorch, over check_batches. With static slots, also that an example with one global token more than the
+    slots gets NaN outputs (ExportCheckFailed if not)."""
     worst = 0.0
     model_was_training = model.training
     model.eval()
+    names = output_names(model)
     with torch.no_grad():
         for ids, am, gm in check_batches(model, max_global_tokens):
-            expected = model(ids, attention_mask=am, global_attention_mask=gm)[0]
-            got = torch.as_tensor(np.asarray(run(ids, am, gm)))
-            if got.shape != expected.shape:
-                raise ExportCheckFailed(f"the exported model returned shape {tuple(got.shape)} for a batch of "
-                                        f"{tuple(ids.shape)}, PyTorch {tuple(expected.shape)}")
-            worst = max(worst, float((got - expected).abs().max()))
+            out = model(ids, attention_mask=am, global_attention_mask=gm)
+            for name, got in zip(names, run(ids, am, gm), strict=True):
+                expected, got = getattr(out, name), torch.as_tensor(np.asarray(got))
+                if got.shape != expected.shape:
+                    raise ExportCheckFailed(f"the exported model returned {name} of shape {tuple(got.shape)} for a "
+                                            f"batch of {tuple(ids.shape)}, PyTorch {tuple(expected.shape)}")
+                worst = max(worst, float((got - expected).abs().max()))
+        if max_global_tokens is not None:
+            _check_overflow(model, run, max_global_tokens)
     model.train(model_was_training)
     return worst
+
+
+def _check_overflow(model, run, slots: int):
+    """Two examples, the first with slots + 1 global tokens: its outputs must be NaN, the second's finite."""
+    L = min(slots + 1, model.config.max_length)
+    if slots + 1 > L:
+        return  # no input of this model can have more global tokens than the slots
+    ids, am, gm = _batch(model, L, [(L, slots + 1), (L, 0)], torch.Generator().manual_seed(0))
+    if _input_rank(model) == 3:
+        ids, am, gm = (t.view(1, 2, L) for t in (ids, am, gm))
+    for name, got in zip(output_names(model), run(ids, am, gm)):
+        got = torch.as_tensor(np.asarray(got)).reshape(2, -1)  # [example or choice, outputs]
+        if not (got[0].isnan().all() and got[1].isfinite().all()):
+            raise ExportCheckFailed(f"an example with {slots + 1} global tokens in a graph of {slots} slots did not "
+                                    f"get NaN {name} (or its neighbour did)")
 
 
 class ExportCheckFailed(RuntimeError):
@@ -140,11 +193,11 @@ def _ort_session(path: str):
 
 
 def _run_onnx(session, ids, am, gm):
-    feed = {name: t.numpy() for name, t in zip(INPUTS, (ids, am, gm))}
-    return session.run(None, feed)[0]
+    feed = {name: np.asarray(t, dtype=np.int64) for name, t in zip(INPUTS, (ids, am, gm))}
+    return session.run(None, feed)
 
 
-def export_onnx(model, path: str, max_global_tokens: int = 1, tolerance: float = TOLERANCE) -> float:
+def export_onnx(model, path: str, max_global_tokens: int | None = None, tolerance: float = TOLERANCE) -> float:
     """Write model as ONNX to path, after checking it in onnxruntime against PyTorch on batches other than
     the traced one. A model that disagrees by more than tolerance is not written (ExportCheckFailed).
     Returns the largest difference measured."""
@@ -153,11 +206,14 @@ def export_onnx(model, path: str, max_global_tokens: int = 1, tolerance: float =
     except ImportError as e:
         raise ImportError('ONNX export needs onnx, onnxscript and onnxruntime: pip install "longformer[export]"') from e
     with _export_settings(model, max_global_tokens) as wrapped, torch.no_grad(), _size_oblivious():
-        program = torch.onnx.export(wrapped, _example(model), dynamo=True, dynamic_shapes=_dynamic_shapes(),
-                                    input_names=list(INPUTS), output_names=[output_name(model)], verbose=False)
+        program = torch.onnx.export(wrapped, _example(model), dynamo=True, dynamic_shapes=_dynamic_shapes(model),
+                                    input_names=list(INPUTS), output_names=output_names(model), verbose=False)
+    cfg = model.config
     program.model.metadata_props.update({
-        "longformer_head": type(model).__name__, "max_global_tokens": str(max_global_tokens),
-        "max_length": str(model.config.max_length), "pad_token_id": str(model.config.pad_token_id)})
+        "longformer_head": type(model).__name__,
+        "max_global_tokens": DYNAMIC if max_global_tokens is None else str(max_global_tokens),
+        "max_length": str(cfg.max_length), "pad_token_id": str(cfg.pad_token_id),
+        "sep_token_id": str(cfg.sep_token_id)})
     worst = 0.0
 
     def write_checked(tmp):
@@ -174,8 +230,9 @@ def export_onnx(model, path: str, max_global_tokens: int = 1, tolerance: float =
 
 
 class OnnxLongformer:
-    """An exported ONNX Longformer in onnxruntime, called like the PyTorch model (numpy or torch inputs,
-    numpy output), with the checks the graph itself cannot make."""
+    """An exported ONNX Longformer in onnxruntime, called like the PyTorch model (numpy or torch inputs, numpy
+    outputs: one array, or QA's (start_logits, end_logits)), with the PyTorch classes' default global tokens and
+    clear errors for what the graph cannot take."""
 
     def __init__(self, path: str):
         self.session = _ort_session(path)
@@ -183,29 +240,46 @@ class OnnxLongformer:
         if "max_global_tokens" not in meta:
             raise ValueError(f"{path} was not written by longformer.export (no max_global_tokens in its metadata)")
         self.head = meta["longformer_head"]
-        self.max_global_tokens, self.max_length = int(meta["max_global_tokens"]), int(meta["max_length"])
-        self.pad_token_id = int(meta["pad_token_id"])
+        slots = meta["max_global_tokens"]
+        self.max_global_tokens = None if slots == DYNAMIC else int(slots)
+        self.max_length, self.pad_token_id = int(meta["max_length"]), int(meta["pad_token_id"])
+        self.sep_token_id = int(meta.get("sep_token_id", 2))
+        self.rank = 3 if self.head == "LongformerForMultipleChoice" else 2
 
-    def __call__(self, input_ids, attention_mask=None, global_attention_mask=None) -> np.ndarray:
+    def __call__(self, input_ids, attention_mask=None, global_attention_mask=None):
         ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {ids.shape}")
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"input of {ids.shape[1]} tokens is longer than this model's position table allows "
+        shape = "[batch, choices, length]" if self.rank == 3 else "[batch, length]"
+        if ids.ndim != self.rank or ids.shape[-1] == 0:
+            raise ValueError(f"input_ids must be {shape} with length >= 1, got shape {ids.shape}")
+        if ids.shape[-1] > self.max_length:
+            raise ValueError(f"input of {ids.shape[-1]} tokens is longer than this model's position table allows "
                              f"({self.max_length}): truncate it")
         am = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        if global_attention_mask is None:  # the PyTorch classes' default: <s> global for classification
+        gm = self._default_global(ids) if global_attention_mask is None else np.asarray(global_attention_mask,
+                                                                                          dtype=np.int64)
+        counts = ((gm != 0) & (am != 0)).sum(-1)
+        if self.max_global_tokens is not None and (counts > self.max_global_tokens).any():
+            where = tuple(int(i) for i in np.unravel_index(int(counts.argmax()), counts.shape))
+            name = f"example {where[0]}" + (f", choice {where[1]}," if len(where) == 2 else "")
+            raise ValueError(f"{name} has {int(counts[where])} global tokens, "
+                             f"but this model was exported with --max-global-tokens {self.max_global_tokens}: export it "
+                             f"again with a larger value, or without the option")
+        outputs = _run_onnx(self.session, ids, am, gm)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _default_global(self, ids: np.ndarray) -> np.ndarray:
+        """As the PyTorch classes: <s> for sequence classification, the question for QA, the choice for multiple
+        choice, none otherwise."""
+        if self.head == "LongformerForSequenceClassification":
             gm = np.zeros_like(ids)
-            if self.head == "LongformerForSequenceClassification":
-                gm[:, 0] = 1
-        else:
-            gm = np.asarray(global_attention_mask, dtype=np.int64)
-        counts = ((gm != 0) & (am != 0)).sum(1)
-        if (counts > self.max_global_tokens).any():
-            row = int(counts.argmax())
-            raise ValueError(f"example {row} has {int(counts[row])} global tokens, but this model was exported with "
-                             f"--max-global-tokens {self.max_global_tokens}: export it again with a larger value")
-        return self.session.run(None, dict(zip(INPUTS, (ids, am, gm))))[0]
+            gm[:, 0] = 1
+            return gm
+        if self.head in ("LongformerForQuestionAnswering", "LongformerForMultipleChoice"):
+            rows = torch.from_numpy(ids).reshape(-1, ids.shape[-1])
+            choices = ids.shape[1] if self.rank == 3 else None
+            question_first = self.head == "LongformerForQuestionAnswering"
+            return _segment_global_mask(rows, self.sep_token_id, question_first, choices).numpy().reshape(ids.shape)
+        return np.zeros_like(ids)
 
 
 def main(argv=None):
@@ -214,12 +288,13 @@ def main(argv=None):
     p.add_argument("out", help="the file to write (.onnx, or .pt2 for torch-export)")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--head", choices=list(HEADS), help="the class to export (default: the checkpoint's own)")
-    p.add_argument("--max-global-tokens", type=int, default=1,
-                   help="global-token slots per example in the graph (default 1: <s>)")
+    p.add_argument("--max-global-tokens", type=int, metavar="N",
+                   help="a fixed-shape graph with N global slots per example, where an example with more gets NaN "
+                        "outputs (default: the graph sizes them from the mask, any number per example)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest difference allowed by the check")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    if args.max_global_tokens < 0:
+    if args.max_global_tokens is not None and args.max_global_tokens < 0:
         p.error("--max-global-tokens must be >= 0")
     if os.path.exists(args.out) and not args.overwrite:
         p.error(f"{args.out} exists: choose another name, or --overwrite")
@@ -228,7 +303,7 @@ def main(argv=None):
     own = (config.extra.get("architectures") or ["LongformerModel"])[0]
     head = args.head or own
     if head not in HEADS:
-        p.error(f"{own} cannot be exported yet (exportable: {', '.join(HEADS)}); --head LongformerModel exports its "
+        p.error(f"{own} cannot be exported (exportable: {', '.join(HEADS)}); --head LongformerModel exports its "
                 f"encoder")
     model = HEADS[head].from_pretrained(args.checkpoint)
     if args.format == "onnx":
@@ -240,7 +315,8 @@ def main(argv=None):
             sys.exit(f"the exported program differs from eager PyTorch by {worst:.2e}: {args.out} not written")
         atomic_write(args.out, lambda tmp: torch.export.save(program, tmp))
     print(json.dumps({"wrote": args.out, "head": head, "format": args.format,
-                      "max_global_tokens": args.max_global_tokens, "checked_max_abs_diff": worst}))
+                      "max_global_tokens": DYNAMIC if args.max_global_tokens is None else args.max_global_tokens,
+                      "checked_max_abs_diff": worst}))
 
 
 if __name__ == "__main__":

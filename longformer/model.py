@@ -231,6 +231,8 @@ class LongformerModel(LongformerPreTrainedModel):
                 x = layer(x, masks)
             if output_hidden_states:
                 hidden_states.append(x)
+        if masks.overflow is not None:  # a traced graph cannot raise: an example over its global slots gets NaN
+            x = x.masked_fill(masks.overflow[:, None, None], float("nan"))
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return LongformerBaseModelOutput(x, pooled, tuple(hidden_states) if output_hidden_states else None)
 

@@ -1,6 +1,7 @@
-"""Export: ONNX checked in onnxruntime and torch.export, with dynamic batch and length, odd lengths and
-per-example global tokens. The ONNX tests are skipped, with a message, where onnxruntime is absent
-(CI installs the [export] extra)."""
+"""Export: ONNX checked in onnxruntime and torch.export, with dynamic batch, length and number of global tokens,
+odd lengths, every head; and static global slots that give NaN, not a plausible number, for an example over them.
+The ONNX tests run the file in plain onnxruntime, as a server would, and are skipped, with a message, where
+onnxruntime is absent (CI installs the [export] extra)."""
 import json
 import os
 import subprocess
@@ -14,38 +15,51 @@ import longformer
 from longformer import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = [longformer.LongformerModel, longformer.LongformerForMaskedLM, longformer.LongformerForSequenceClassification,
-         longformer.LongformerForTokenClassification]
+HEADS = list(export.HEADS.values())
 
 
 def tiny(cls, seed=0):
-    """Windows 4 and 8 (w = 4: the check lengths are 1, 4 and 17), padding token 1, 3 labels."""
+    """Windows 4 and 8 (w = 4: the check lengths are 1, 4 and 17), padding token 1, 3 labels (QA: 2)."""
     torch.manual_seed(seed)
+    labels = 2 if cls is longformer.LongformerForQuestionAnswering else 3
     config = longformer.LongformerConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
                                          intermediate_size=48, attention_window=[4, 8], max_position_embeddings=40,
-                                         id2label={0: "a", 1: "b", 2: "c"})
+                                         id2label={i: "abc"[i] for i in range(labels)})
     return cls(config).eval()
 
 
+def pytorch_outputs(model, ids, am, gm):
+    out = model(ids, attention_mask=am, global_attention_mask=gm)
+    return [getattr(out, name) for name in export.output_names(model)]
+
+
 def test_check_batches_cover_the_grid():
-    seen = {(tuple(ids.shape), tuple(gm.sum(1).tolist())) for ids, _, gm in export.check_batches(tiny(HEADS[0]), 3)}
-    assert {s[0][1] for s in seen} == {1, 4, 17} and {s[0][0] for s in seen} == {1, 3}
-    for L in (4, 17):
-        assert {((1, L), (c,)) for c in (0, 1, 3)} <= seen  # one example with 0, 1, 3 global tokens
-        assert ((3, L), (3, 0, 1)) in seen  # three examples, padded, with different counts
+    """Lengths 1, w and 3w + 5; 0, 1, 2, 7 and all real tokens global, alone and mixed in one padded batch."""
+    model = tiny(HEADS[0])
+    seen = {}
+    for ids, am, gm in export.check_batches(model):
+        seen.setdefault(ids.shape[1], []).append((am.sum(1).tolist(), gm.sum(1).tolist()))
+    assert sorted(seen) == [1, 4, 17]
+    singles = [g[0] for lengths, g in seen[17] if len(g) == 1]
+    assert singles == [0, 1, 2, 7, 17]
+    lengths, counts = [b for b in seen[17] if len(b[1]) == 6][0]
+    assert lengths == [17, 8, 16] * 2 and counts == [0, 1, 2, 7, 8, 0]  # "all": the 8 real tokens of a padded row
+    static = {tuple(gm.sum(1).tolist()) for ids, am, gm in export.check_batches(model, 3) if ids.shape[1] == 17}
+    assert static == {(0,), (1,), (3,), (0, 1, 3, 0, 1, 3)}
 
 
-def test_torch_export_dynamic_batch_and_length_equals_eager():
+@pytest.mark.parametrize("slots", [None, 3], ids=["dynamic", "3-slots"])
+def test_torch_export_equals_eager(slots):
     model = tiny(longformer.LongformerForMaskedLM)
-    program = export.export_program(model, max_global_tokens=3)
-    for ids, am, gm in export.check_batches(model, 3):
-        torch.testing.assert_close(program.module()(ids, am, gm),
+    program = export.export_program(model, max_global_tokens=slots)
+    for ids, am, gm in export.check_batches(model, slots, seed=1):
+        torch.testing.assert_close(program.module()(ids, am, gm)[0],
                                    model(ids, attention_mask=am, global_attention_mask=gm).logits, atol=1e-5, rtol=0)
 
 
 def test_static_global_slots_match_and_refuse_too_many():
-    """config.max_global_tokens (what export uses) gives the outputs of the counted slots, and says when an
-    example has more global tokens than slots."""
+    """config.max_global_tokens (what a fixed-shape export uses) gives the outputs of the counted slots, and says
+    when an example has more global tokens than slots."""
     model = tiny(longformer.LongformerModel)
     ids, am, gm = list(export.check_batches(model, 3))[-1]
     expected = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
@@ -53,7 +67,7 @@ def test_static_global_slots_match_and_refuse_too_many():
     torch.testing.assert_close(model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state, expected,
                                atol=1e-6, rtol=0)
     model.config.max_global_tokens = 2
-    with pytest.raises(ValueError, match="example 0 of the batch has 3 global tokens, more than the max_global_tokens=2"):
+    with pytest.raises(ValueError, match="example 2 of the batch has 3 global tokens, more than the max_global_tokens=2"):
         model(ids, attention_mask=am, global_attention_mask=gm)
 
 
@@ -62,42 +76,73 @@ def ort():
     return pytest.importorskip("onnxruntime", reason='ONNX tests need onnxruntime: pip install "longformer[export]"')
 
 
+def plain_session(ort, path):
+    """The file as a server runs it: onnxruntime alone, inputs by name."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(export.INPUTS)
+    return lambda ids, am, gm: session.run(None, {"input_ids": ids.numpy(), "attention_mask": am.numpy(),
+                                                  "global_attention_mask": gm.numpy()})
+
+
 @pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
-def test_onnx_equals_pytorch(ort, tmp_path, cls):
+def test_onnx_with_default_options_equals_pytorch_for_any_global_count(ort, tmp_path, cls):
     model = tiny(cls)
     path = str(tmp_path / "model.onnx")
-    worst = export.export_onnx(model, path, max_global_tokens=3)
-    assert worst <= 1e-4
-    served = export.OnnxLongformer(path)
-    for ids, am, gm in export.check_batches(model, 3, seed=1):  # other inputs than the export's own check
-        expected = model(ids, attention_mask=am, global_attention_mask=gm)[0]
-        torch.testing.assert_close(torch.from_numpy(served(ids.numpy(), am.numpy(), gm.numpy())), expected,
-                                   atol=1e-4, rtol=0)
-    if cls is longformer.LongformerForSequenceClassification:  # no global mask: <s> global, as in PyTorch
-        ids = torch.randint(3, 50, (2, 9))
-        torch.testing.assert_close(torch.from_numpy(served(ids.numpy())), model(ids).logits, atol=1e-4, rtol=0)
+    assert export.export_onnx(model, path) <= 1e-4  # the defaults: no slot count
+    run = plain_session(ort, path)
+    batches = list(export.check_batches(model, seed=1))  # other inputs than the export's own check
+    assert any(gm.sum(-1).flatten().tolist() == [0, 1, 2, 7, 8, 0] for *_, gm in batches)  # mixed, 8 = all real
+    for ids, am, gm in batches:
+        for got, expected in zip(run(ids, am, gm), pytorch_outputs(model, ids, am, gm), strict=True):
+            torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [longformer.LongformerForQuestionAnswering, longformer.LongformerForMultipleChoice],
+                         ids=lambda c: c.__name__)
+def test_onnx_static_slots_give_nan_for_an_example_over_them(ort, tmp_path, cls):
+    model = tiny(cls)
+    path = str(tmp_path / "model.onnx")
+    export.export_onnx(model, path, max_global_tokens=2)
+    run = plain_session(ort, path)
+    ids, am, gm = export._batch(model, 9, [(9, 3), (9, 2), (5, 0), (9, 9)], torch.Generator().manual_seed(2))
+    if cls is longformer.LongformerForMultipleChoice:
+        ids, am, gm = (t.view(2, 2, 9) for t in (ids, am, gm))
+    over = torch.tensor([True, False, False, True])  # 3 and 9 global tokens in a graph of 2 slots
+    for got, expected in zip(run(ids, am, gm), pytorch_outputs(model, ids, am, gm), strict=True):
+        got, expected = torch.from_numpy(got).reshape(4, -1), expected.reshape(4, -1)  # [example or choice, *]
+        assert got[over].isnan().all()
+        torch.testing.assert_close(got[~over], expected[~over], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="example (3|1, choice 1,) has 9 global tokens.*--max-global-tokens 2"):
+        export.OnnxLongformer(path)(ids, am, gm)  # the wrapper says so before running
 
 
 def test_onnx_that_disagrees_is_not_written(ort, tmp_path, monkeypatch):
     run = export._run_onnx
-    monkeypatch.setattr(export, "_run_onnx", lambda *a: run(*a) + 1e-3)
+    monkeypatch.setattr(export, "_run_onnx", lambda *a: [out + 1e-3 for out in run(*a)])
     with pytest.raises(export.ExportCheckFailed, match="differs from PyTorch by 1.0.e-03"):
         export.export_onnx(tiny(longformer.LongformerModel), str(tmp_path / "bad.onnx"), max_global_tokens=1)
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_and_served_model_errors(ort, tmp_path):
-    tiny(longformer.LongformerForTokenClassification).save_pretrained(str(tmp_path / "ckpt"))
-    cmd = [sys.executable, "-m", "longformer.export", str(tmp_path / "ckpt"), str(tmp_path / "m.onnx"),
-           "--max-global-tokens", "2"]
+def test_cli_defaults_and_the_served_models_defaults(ort, tmp_path):
+    """The command with its defaults on a QA checkpoint; OnnxLongformer then makes the question global when no
+    global_attention_mask is given, as the PyTorch class does, and names what the graph cannot take."""
+    model = tiny(longformer.LongformerForQuestionAnswering)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    cmd = [sys.executable, "-m", "longformer.export", str(tmp_path / "ckpt"), str(tmp_path / "qa.onnx")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["head"] == "LongformerForTokenClassification" and report["checked_max_abs_diff"] <= 1e-4
+    assert report["head"] == "LongformerForQuestionAnswering" and report["max_global_tokens"] == "dynamic"
+    assert report["checked_max_abs_diff"] <= 1e-4
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "exists" in again.stderr
-    served = export.OnnxLongformer(str(tmp_path / "m.onnx"))
-    with pytest.raises(ValueError, match="example 1 has 3 global tokens.*--max-global-tokens 2"):
-        served(np.full((2, 6), 5), global_attention_mask=np.array([[1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]))
+    served = export.OnnxLongformer(str(tmp_path / "qa.onnx"))
+    ids = torch.randint(3, 50, (2, 15))
+    ids[:, 0], ids[0, 4:6], ids[1, 7:9], ids[:, -1] = 0, 2, 2, 2  # <s> question </s></s> text </s>: 3 and 6 global
+    expected = model(ids)
+    start, end = served(ids.numpy())
+    torch.testing.assert_close(torch.from_numpy(start), expected.start_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(end), expected.end_logits, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="41 tokens is longer than this model's position table allows \\(38\\)"):
         served(np.full((1, 41), 5))

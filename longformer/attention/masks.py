@@ -9,11 +9,12 @@ class AttentionMasks:
     segments [B, L] long (from document_segments), or None: packed documents; a token attends only to tokens
     of its own segment, through the window and through global attention alike.
 
-    Global tokens are gathered into G slots per example. G is max_global when given (a static count, so
-    torch.compile and export see one graph with no count read back; eager mode reads the counts to refuse an
-    example with more global tokens), else the most any example has: the one host sync that global attention
-    needs, taken once per forward rather than once per layer, and not at all when no global_attention_mask
-    is given.
+    Global tokens are gathered into G slots per example. G is max_global when given: a static count, so that
+    torch.compile and export see one graph with no count read back. Eager mode then refuses an example with
+    more global tokens; a traced graph cannot raise, so it marks such examples in `overflow` [B] and the model
+    makes their outputs NaN. Without max_global, G is the most any example has: in eager mode the one host sync
+    that global attention needs (once per forward, not per layer, and none without a global_attention_mask);
+    under torch.export a size read from the mask when the graph runs.
     """
 
     def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None,
@@ -22,10 +23,20 @@ class AttentionMasks:
         B, L = keep.shape
         self.is_global = torch.zeros_like(keep) if is_global is None else is_global & keep  # padding is never global
         counts = self.is_global.sum(dim=1)  # [B]
+        self.overflow = None
         if max_global is not None:
             self.num_global = max_global
-            if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                self.overflow = counts > max_global
+            else:
                 _check_global_counts(counts, max_global)
+        elif is_global is not None and torch.compiler.is_exporting():
+            # At least one slot (masked where unused): with none, onnxruntime broadcasts the [B, 1] batch index
+            # against the [B, 0] slots to [B, 1], and the scatter of the global rows fails.
+            G = counts.max().clamp(min=1).item()
+            torch._check(G >= 1)
+            torch._check(G <= L)
+            self.num_global = G
         else:  # without global tokens nothing to count: no host sync
             self.num_global = 0 if is_global is None else int(counts.max())
         self.local_keys = keep & ~self.is_global

@@ -67,7 +67,7 @@ def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> t
     if G:
         parts.append(extra[:, None].expand(B, nc, *extra.shape[1:]))
     slack = num_keys(w, G) - 3 * w - G
-    if slack:
+    if not isinstance(slack, int) or slack:  # a count sized at run time (export) may be 0: an empty part then
         parts.append(x.new_zeros(B, nc, slack, *rest))
     return torch.cat(parts, dim=2)
 
