@@ -11,6 +11,6 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.7", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
     extras_require={"test": ["transformers>=4.44", "pytest", "matplotlib", "pyarrow", "tensorboard"],
-                    "plot": ["matplotlib"], "export": ["onnx", "onnxscript", "onnxruntime"], "parquet": ["pyarrow"],
-                    "tensorboard": ["tensorboard"]},
+                    "plot": ["matplotlib"], "export": ["onnx", "onnxscript", "onnxruntime"],
+                    "hub": ["huggingface_hub>=0.24"], "parquet": ["pyarrow"], "tensorboard": ["tensorboard"]},
 )

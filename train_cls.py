@@ -25,7 +25,8 @@ import torch
 
 import longformer
 from longformer import demo, feedback
-from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
+from longformer.cli import (add_model_arguments, add_training_arguments, number, run_command, run_settings,
+                            train_args)
 from longformer.data import check_vocabulary, hold_out, read_labelled
 from longformer.files import atomic_write_text
 from longformer.tasks import DocumentTask, TokenTask, encode_documents, label_targets, read_unlabelled
@@ -63,7 +64,8 @@ def build_parser():
     g.add_argument("--predict", help="texts to label after training (same forms; for the token task a folder of "
                                      "<id>.txt essays)")
     g.add_argument("--predictions", help="where --predict writes (default: OUT/predictions.csv or OUT/submission.csv)")
-    add_model_arguments(p, "HF-format checkpoint (allenai/longformer-base-4096, a train_mlm.py run, ...)")
+    add_model_arguments(p, "HF-format checkpoint: a folder or a Hub name (allenai/longformer-base-4096, a train_mlm.py "
+                           "run, ...)")
     add_training_arguments(p)
     return p
 
@@ -272,5 +274,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
     leave()

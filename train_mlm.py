@@ -20,7 +20,8 @@ from longformer import demo
 from longformer.data import check_vocabulary, read_npz_pair
 from longformer.prepare_data import prepare_cached, tokenizer_info
 from longformer.shards import PACKINGS, TokenBlocks, read_manifest
-from longformer.cli import add_model_arguments, add_training_arguments, number, run_settings, train_args
+from longformer.cli import (add_model_arguments, add_training_arguments, number, run_command, run_settings,
+                            train_args)
 from longformer.tokenizer import copy_tokenizer_files
 from longformer.tasks import MLMTask
 from longformer.trainer import leave, train
@@ -52,7 +53,8 @@ def build_parser():
                    help="documents: whole documents fill each block and never attend to each other; single: one "
                         "document per block, padded; concat: documents run together and cut every --seq-len tokens")
     g.add_argument("--mask-prob", type=number(float, 0, strict=True), default=0.15)
-    g = add_model_arguments(p, "HF-format checkpoint to start from (a Longformer, or a converted RoBERTa)")
+    g = add_model_arguments(p, "HF-format checkpoint to start from, a folder or a Hub name (a Longformer, or a "
+                               "converted RoBERTa)")
     g.add_argument("--config", help="config.json (or its folder) for a randomly initialised model")
     add_training_arguments(p)
     return p
@@ -152,5 +154,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
     leave()

@@ -116,7 +116,10 @@ def load_state_dict_hf(model, state: dict[str, torch.Tensor]):
                 own[ours].copy_(found[key])
 
 
-def load_pretrained(cls, directory: str, **config_overrides):
+def load_pretrained(cls, name: str, hub: dict, **config_overrides):
+    """name: a checkpoint folder or a Hub name (hub: its revision, cache_dir, local_files_only, token)."""
+    from .hub import resolve
+    directory = resolve(name, "model", **hub)
     config = LongformerConfig.from_pretrained(directory)
     if config_overrides:
         overrides = dict(config_overrides)

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import os
+import sys
 import time
 
 from .config import ATTENTION_BACKENDS
@@ -32,7 +33,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, init_help: str):
     """--init, --tokenizer and --cache-dir; returns the group, for a script's own model options."""
     g = parser.add_argument_group("model")
     g.add_argument("--init", help=init_help)
-    g.add_argument("--tokenizer", help="tokenizer folder (default: --init's)")
+    g.add_argument("--tokenizer", help="tokenizer folder or Hub name (default: --init's)")
     g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "longformer"),
                    help="where tokenized text and the demo tokenizer are kept between runs")
     return g
@@ -70,3 +71,16 @@ def train_args(args: argparse.Namespace, name: str) -> TrainArgs:
 def run_settings(args: argparse.Namespace) -> dict:
     """What identifies a run (for run.json and --resume's check)."""
     return {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+
+
+def run_command(main):
+    """Run a command's main(): a user's mistake (a missing folder or file, a value the checks refuse: OSError,
+    ValueError) is printed as one line, with exit status 2; a traceback is for bugs (LONGFORMER_TRACEBACK=1 shows
+    one for these too)."""
+    try:
+        return main()
+    except (OSError, ValueError) as e:
+        if os.environ.get("LONGFORMER_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -143,12 +143,17 @@ class LongformerConfig:
         return d
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "LongformerConfig":
-        """Read a config.json, or the config.json inside a checkpoint directory."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no config.json at {path!r}: expected a checkpoint directory holding "
-                                    f"config.json (as written by save_pretrained) or the path of a config file")
+    def from_pretrained(cls, path: str, **hub) -> "LongformerConfig":
+        """Read a config.json, the config.json inside a checkpoint directory, or a Hub name's (hub: revision,
+        cache_dir, local_files_only, token; see longformer.hub)."""
+        if not os.path.isfile(path):
+            from .hub import resolve
+            file = os.path.join(resolve(path, "config", **hub), "config.json")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"no config.json in {path!r}: expected a checkpoint directory holding "
+                                        f"config.json (as written by save_pretrained) or the path of a config file")
+        else:
+            file = path
         with open(file, encoding="utf-8") as f:
             try:
                 d = json.load(f)

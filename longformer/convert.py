@@ -5,6 +5,7 @@ existing Longformer to a longer maximum length (its positions are tiled the same
     python -m longformer.convert SRC OUT [--max-positions 4096] [--attention-window 512]
 """
 import argparse
+import contextlib
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 from .checkpoint import canonical, load_state_dict_hf, read_state_dict
 from .config import LongformerConfig
 from .files import atomic_write_text
+from .hub import resolve
 from .model import LongformerForMaskedLM, LongformerModel
 from .tokenizer import copy_tokenizer_files
 
@@ -31,12 +33,16 @@ def tile_positions(table: torch.Tensor, pad_token_id: int, rows: int) -> torch.T
 
 
 def convert_roberta(src_dir: str, out_dir: str, max_positions: int = 4096, attention_window: int | None = 512):
-    """Write to out_dir a Longformer for inputs of up to max_positions tokens, made from src_dir.
+    """Write to out_dir a Longformer for inputs of up to max_positions tokens, made from src_dir (a folder, or a
+    Hub name such as "FacebookAI/roberta-base").
 
     attention_window=None keeps a Longformer source's windows. Returns the new config.
     """
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir!r} exists and is not empty; choose a new directory")
+    name, src_dir = src_dir, resolve(src_dir, "model")
+    with contextlib.suppress(FileNotFoundError):  # its tokenizer too, where it has one (the same snapshot folder)
+        resolve(name, "tokenizer")
     with open(os.path.join(src_dir, "config.json")) as f:
         src = json.load(f)
     kind = src.get("model_type")
@@ -80,18 +86,16 @@ def convert_roberta(src_dir: str, out_dir: str, max_positions: int = 4096, atten
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m longformer.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="HF-format RoBERTa (or Longformer) checkpoint directory")
+    parser.add_argument("src", help="HF-format RoBERTa (or Longformer) checkpoint: a folder or a Hub name")
     parser.add_argument("out", help="new directory for the Longformer checkpoint")
     parser.add_argument("--max-positions", type=int, default=4096, help="longest input, in tokens (default 4096)")
     parser.add_argument("--attention-window", type=int, default=None,
                         help="full window for every layer (default: 512, or the source's for a Longformer)")
     args = parser.parse_args(argv)
-    try:
-        config = convert_roberta(args.src, args.out, args.max_positions, args.attention_window)
-    except (OSError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+    config = convert_roberta(args.src, args.out, args.max_positions, args.attention_window)
     print(f"wrote {args.out}: Longformer for {config.max_length} tokens, windows {sorted(set(config.attention_window))}")
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_command
+    run_command(main)

@@ -284,7 +284,7 @@ class OnnxLongformer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF-format checkpoint folder (config.json + weights)")
+    p.add_argument("checkpoint", help="HF-format checkpoint (config.json + weights): a folder or a Hub name")
     p.add_argument("out", help="the file to write (.onnx, or .pt2 for torch-export)")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--head", choices=list(HEADS), help="the class to export (default: the checkpoint's own)")
@@ -320,4 +320,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_command
+    run_command(main)

@@ -155,13 +155,17 @@ class LongformerPreTrainedModel(nn.Module):
         self.config.gradient_checkpointing = True
 
     @classmethod
-    def from_pretrained(cls, directory: str, **config_overrides):
-        """Load an HF-format checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
+    def from_pretrained(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None, **config_overrides):
+        """Load an HF-format checkpoint (config.json + model.safetensors or pytorch_model.bin): a folder, or a Hub
+        name such as "allenai/longformer-base-4096", found in the Hugging Face cache or fetched (pip install
+        "longformer[hub]"; revision, cache_dir, local_files_only and token as in transformers).
 
         config_overrides replace config fields, e.g. num_labels=3 or attention_backend="chunked".
         """
         from .checkpoint import load_pretrained
-        return load_pretrained(cls, directory, **config_overrides)
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        return load_pretrained(cls, name, hub, **config_overrides)
 
     def save_pretrained(self, directory: str):
         """Write config.json + model.safetensors that HF transformers' from_pretrained loads."""
@@ -177,6 +181,8 @@ def _check_inputs(config, input_ids, inputs_embeds, **per_token):
     if ref.dim() != (2 if input_ids is not None else 3) or ref.shape[1] == 0:
         raise ValueError(f"{name} must be [batch, length{', hidden' if input_ids is None else ''}] with length >= 1, "
                          f"got shape {tuple(ref.shape)}")
+    if ref.shape[0] == 0:
+        raise ValueError(f"{name} holds no sequences (shape {tuple(ref.shape)}): give at least one")
     shape = tuple(ref.shape[:2])
     for key, value in per_token.items():
         if value is not None and tuple(value.shape) != shape:
@@ -186,7 +192,41 @@ def _check_inputs(config, input_ids, inputs_embeds, **per_token):
         raise ValueError(f"input of {shape[1]} tokens is longer than this model's position table allows "
                          f"({config.max_length} tokens, max_position_embeddings={config.max_position_embeddings}): "
                          f"truncate it, or extend the model with `python -m longformer.convert`")
+    if input_ids is not None:
+        check_ids("input_ids", input_ids, config.vocab_size, "the vocabulary", "token id",
+                  "were the texts tokenized with this model's tokenizer?")
     return shape
+
+
+def check_ids(name: str, t: torch.Tensor, size: int, of: str, what: str, hint: str = "", ignored: int | None = None):
+    """t holds integers in 0 .. size - 1 (or `ignored`): else a TypeError or a ValueError naming the argument, the
+    first bad value and where it is. The values are read back only in eager mode on CPU, where that waits for
+    nothing: under torch.compile and export, and on GPUs, only the dtype is checked (on a GPU an id out of range
+    stops at the embedding lookup's device-side assert)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer {what}s (torch.long), got {t.dtype}: convert with .long()")
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting() or not t.numel():
+        return
+    bad = (t < 0) | (t >= size)
+    if ignored is not None:
+        bad &= t != ignored
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        allowed = f"0 .. {size - 1}" + ("" if ignored is None else f", or {ignored} where nothing is predicted")
+        raise ValueError(f"{name} holds {what} {int(t[tuple(where)])} at {where}, outside {of} ({allowed})"
+                         + (f": {hint}" if hint else ""))
+
+
+def _token_shape(input_ids, inputs_embeds) -> tuple | None:
+    """(batch, length) of whichever input is given, or None (LongformerModel then says what to give)."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    return None if ref is None else tuple(ref.shape[:2])
+
+
+def _check_label_shape(name: str, labels: torch.Tensor, *shapes: tuple):
+    if tuple(labels.shape) not in shapes:
+        raise ValueError(f"{name} has shape {tuple(labels.shape)}; expected "
+                         f"{' or '.join(str(s) for s in shapes)}")
 
 
 class LongformerModel(LongformerPreTrainedModel):
@@ -264,6 +304,10 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         logits_at_labels_only: compute the vocabulary projection only where labels != -100 (the decoder is
         the model's largest matmul) and return logits [num_predicted, vocab] instead of [B, L, vocab].
         """
+        shape = _token_shape(input_ids, inputs_embeds)
+        if labels is not None and shape is not None:
+            _check_label_shape("labels", labels, shape)
+            check_ids("labels", labels, self.config.vocab_size, "the vocabulary", "token id", ignored=-100)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                               inputs_embeds, output_hidden_states, document_ids)
         tied, self.longformer.embeddings.tied = self.longformer.embeddings.tied, None
@@ -296,16 +340,29 @@ class LongformerLMHead(nn.Module):
         return linear(h, self.word_embeddings[0].weight, self.bias, tied=tied)
 
 
-def _classification_loss(config, logits, labels):
+def _problem_type(config, labels) -> str:
     """HF's rule: one label is regression, integer labels are single-label, float labels are multi-label."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def _check_classification_labels(config, labels, batch: int):
+    problem = _problem_type(config, labels)
+    if problem == "regression":
+        _check_label_shape("labels", labels, (batch,), (batch, 1))
+    elif problem == "single_label_classification":
+        _check_label_shape("labels", labels, (batch,))
+        names = ", ".join(f"{i} {config.id2label[i]}" for i in sorted(config.id2label or {})[:10])
+        check_ids("labels", labels, config.num_labels, "the label set", "label", f"the labels are {names}")
+    else:
+        _check_label_shape("labels", labels, (batch, config.num_labels))
+
+
+def _classification_loss(config, logits, labels):
+    problem = _problem_type(config, labels)
     if problem == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(logits.shape[0], -1).squeeze(-1))
     if problem == "single_label_classification":
@@ -337,10 +394,12 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False) -> LongformerHeadOutput:
         """Without a global_attention_mask the first token is global, as in HF."""
-        if global_attention_mask is None:
-            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            global_attention_mask = torch.zeros(ref.shape, dtype=torch.long, device=ref.device)
-            global_attention_mask[:, 0] = 1
+        shape = _token_shape(input_ids, inputs_embeds)
+        if labels is not None and shape is not None:
+            _check_classification_labels(self.config, labels, shape[0])
+        if global_attention_mask is None and shape is not None:
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            global_attention_mask = (torch.arange(shape[1], device=device) == 0).long().expand(shape)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                               inputs_embeds, output_hidden_states)
         logits = self.classifier(out.last_hidden_state)
@@ -361,6 +420,10 @@ class LongformerForTokenClassification(LongformerPreTrainedModel):
                 document_ids=None) -> LongformerHeadOutput:
         """labels [B, L]: class per token, -100 where no label applies (padding, continuation sub-words).
         document_ids: as LongformerModel's."""
+        shape = _token_shape(input_ids, inputs_embeds)
+        if labels is not None and shape is not None:
+            _check_label_shape("labels", labels, shape)
+            check_ids("labels", labels, self.config.num_labels, "the label set", "label", ignored=-100)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                               inputs_embeds, output_hidden_states, document_ids)
         logits = self.classifier(self.dropout(out.last_hidden_state))
@@ -403,11 +466,15 @@ class LongformerForQuestionAnswering(LongformerPreTrainedModel):
                 output_hidden_states=False) -> LongformerQuestionAnsweringModelOutput:
         """Without a global_attention_mask the question (the tokens before the first </s>) is global, as in HF.
         start_positions, end_positions [B]: token indices; those outside the input are ignored by the loss."""
+        shape = _token_shape(input_ids, inputs_embeds)
+        for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+            if positions is not None and shape is not None:
+                _check_label_shape(name, positions, shape[:1], (shape[0], 1))
         if global_attention_mask is None:
             if input_ids is None:
                 warnings.warn("no global_attention_mask and no input_ids to find the question in: "
                               "no token gets global attention")
-            else:
+            elif input_ids.dim() == 2 and input_ids.numel():  # else LongformerModel names what is wrong
                 global_attention_mask = _segment_global_mask(input_ids, self.config.sep_token_id, True)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                               inputs_embeds, output_hidden_states)
@@ -440,9 +507,12 @@ class LongformerForMultipleChoice(LongformerPreTrainedModel):
             raise ValueError("give input_ids [batch, num_choices, length] (or inputs_embeds [batch, num_choices, "
                              f"length, hidden]), got {None if ref is None else tuple(ref.shape)}")
         B, num_choices = ref.shape[:2]
+        if labels is not None:
+            _check_label_shape("labels", labels, (B,))
+            check_ids("labels", labels, num_choices, "the choices", "choice")
         flat = lambda t: None if t is None else t.reshape(B * num_choices, *t.shape[2:])  # noqa: E731
         global_mask = flat(global_attention_mask)  # [B * num_choices, L]
-        if global_mask is None and input_ids is not None:
+        if global_mask is None and input_ids is not None and input_ids.numel():
             global_mask = _segment_global_mask(flat(input_ids), self.config.sep_token_id, False, num_choices)
         out = self.longformer(flat(input_ids), flat(attention_mask), global_mask, flat(token_type_ids),
                               flat(position_ids), flat(inputs_embeds), output_hidden_states)

@@ -413,4 +413,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_command
+    run_command(main)

@@ -5,12 +5,15 @@ import shutil
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .hub import resolve
+
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def copy_tokenizer_files(src: str, dst: str):
-    """Put the tokenizer beside a model, so that its folder is complete."""
+    """Put the tokenizer of src (a folder or a Hub name) beside a model, so that its folder is complete."""
+    src = resolve(src, "tokenizer")
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
@@ -23,12 +26,16 @@ def roberta_post_processing(tokenizer: Tokenizer):
         add_prefix_space=False)
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
-    """From tokenizer.json, or from vocab.json + merges.txt (RoBERTa's original files).
+def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | None = None,
+                   local_files_only: bool = False, token: str | bool | None = None) -> Tokenizer:
+    """From tokenizer.json, or from vocab.json + merges.txt (RoBERTa's original files), in a folder or a Hub
+    name's repository (as LongformerModel.from_pretrained finds it).
 
     Returns a `tokenizers.Tokenizer`: tok.encode(text).ids starts with <s> and ends with </s>; its
     offsets map tokens back to characters.
     """
+    directory = resolve(name, "tokenizer", revision=revision, cache_dir=cache_dir,
+                        local_files_only=local_files_only, token=token)
     tokenizer_json = os.path.join(directory, "tokenizer.json")
     vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
     if os.path.isfile(tokenizer_json):
