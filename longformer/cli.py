@@ -39,6 +39,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, init_help: str):
     return g
 
 
+FLAG_HELP = {"num_workers": "processes collating the next batches while a step runs (default -1: up to 4 on a GPU, "
+                           "1 on CPU; 0: in the training process)"}
+
+
 def add_training_arguments(parser: argparse.ArgumentParser):
     """--out/--resume/--overwrite, the model's run-time options, and every TrainArgs field as a flag."""
     g = parser.add_argument_group("training")
@@ -57,8 +61,8 @@ def add_training_arguments(parser: argparse.ArgumentParser):
         if isinstance(value, bool):
             g.add_argument("--" + f.name.replace("_", "-"), action="store_true")
             continue
-        kind = {int: number(int, 0), float: number(float, 0)}.get(type(value), str)
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value,
+        kind = {int: number(int, -1 if f.name == "num_workers" else 0), float: number(float, 0)}.get(type(value), str)
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=value, help=FLAG_HELP.get(f.name),
                        choices={"precision": list(PRECISIONS), "device": list(DEVICES),
                                 "report_to": list(REPORT_TO)}.get(f.name))
 

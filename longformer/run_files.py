@@ -20,8 +20,8 @@ import torch
 
 from .files import atomic_torch_save, atomic_write_text
 
-RESUME_MAY_CHANGE = ("stop_after", "log_every", "predict", "predictions", "cache_dir", "device", "keep_checkpoints",
-                     "report_to", "compile")
+RESUME_MAY_CHANGE = ("stop_after", "log_every", "num_workers", "predict", "predictions", "cache_dir", "device",
+                     "keep_checkpoints", "report_to", "compile")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 

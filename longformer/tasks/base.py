@@ -26,5 +26,6 @@ class Task:
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
-    def tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """The batch's real tokens, a 0-d tensor: summed by the loop and read back once per log interval."""
+        return batch["attention_mask"].sum()
