@@ -10,7 +10,8 @@ end_logits). Lengths need not be a multiple of the window, and each example may 
 up to all of them: the graph sizes its global slots from the mask when it runs. With --max-global-tokens N it has
 N static slots instead, and an example with more than N global tokens gets NaN outputs, never a plausible number.
 `OnnxLongformer` runs an exported ONNX file with the PyTorch classes' default global tokens and a clear error for
-an input the graph cannot take. onnx, onnxscript and onnxruntime are an optional extra: pip install "longformer[export]".
+an input the graph cannot take. onnx, onnxscript and onnxruntime are an optional extra:
+pip install "longformer[export]".
 """
 import argparse
 import contextlib
@@ -261,9 +262,9 @@ class OnnxLongformer:
         if self.max_global_tokens is not None and (counts > self.max_global_tokens).any():
             where = tuple(int(i) for i in np.unravel_index(int(counts.argmax()), counts.shape))
             name = f"example {where[0]}" + (f", choice {where[1]}," if len(where) == 2 else "")
-            raise ValueError(f"{name} has {int(counts[where])} global tokens, "
-                             f"but this model was exported with --max-global-tokens {self.max_global_tokens}: export it "
-                             f"again with a larger value, or without the option")
+            raise ValueError(f"{name} has {int(counts[where])} global tokens, but this model was exported with "
+                             f"--max-global-tokens {self.max_global_tokens}: export it again with a larger value, or "
+                             f"without the option")
         outputs = _run_onnx(self.session, ids, am, gm)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
