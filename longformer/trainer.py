@@ -244,8 +244,9 @@ def train(model, task: Task, train_set, val_set, args: TrainArgs, run: dict, res
                 if args.target and metrics.get(args.target_metric, -math.inf) >= args.target:
                     r.say(f"reached {args.target_metric} {metrics[args.target_metric]:.4f} >= {args.target}", bar)
                     break
-            if (stopping or signalled) and step < r.total:
-                return stop_early(r, signals, done_here, metrics, saved=evaluating)
+            if (stopping or signalled) and step < r.total:  # a signal on another rank counts as SIGTERM here
+                signum = signals.received or (signal.SIGTERM if signalled else None)
+                return stop_early(r, signum, done_here, metrics, saved=evaluating)
     finally:
         bar.close()
         signals.restore()
@@ -259,7 +260,7 @@ def train_step(r: "Run", batches: list) -> torch.Tensor:
     args, ddp = r.args, r.ddp
     # The loss is a sum over what the step predicts, divided by the global count once the count has arrived, on the
     # gradients; until then a scale that is the same on every rank keeps them in fp16's range.
-    scale = 1.0 / (args.batch_size * args.grad_accum * r.world)
+    scale = 1.0 / r.global_batch
     loss = torch.zeros((), device=r.device, dtype=torch.float64)
     try:
         for i, batch in enumerate(batches):
@@ -292,7 +293,7 @@ def train_step(r: "Run", batches: list) -> torch.Tensor:
     r.optimizer.zero_grad(set_to_none=True)
     r.scheduler.step()
     r.state["step"] += 1
-    r.state["samples"] += args.batch_size * args.grad_accum * r.world
+    r.state["samples"] += r.global_batch
     return torch.cat([local, grad_bad.double().view(1)])
 
 
@@ -303,15 +304,14 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, r: "Run", examples):
         self.task, self.examples, self.args, self.rank, self.world = r.task, examples, r.args, r.rank, r.world
-        self.steps_per_epoch, self.order = r.steps_per_epoch, (None, None)
+        self.steps_per_epoch, self.global_batch, self.order = r.steps_per_epoch, r.global_batch, (None, None)
 
     def __getitem__(self, step: int):
         a = self.args
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         if self.order[0] != epoch:
             self.order = (epoch, epoch_order(len(self.examples), a.seed, epoch))
-        size = a.batch_size * a.grad_accum * self.world
-        first = self.order[1][in_epoch * size:(in_epoch + 1) * size]
+        first = self.order[1][in_epoch * self.global_batch:(in_epoch + 1) * self.global_batch]
         starts = [(i * self.world + self.rank) * a.batch_size for i in range(a.grad_accum)]
         batches = [self.task.collate([self.examples[int(j)] for j in first[s:s + a.batch_size]], seed=a.seed * 7919
                                      + epoch) for s in starts]
@@ -409,6 +409,11 @@ class Run:
     @property
     def master(self) -> bool:
         return self.rank == 0
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, over every rank and micro-step."""
+        return self.args.batch_size * self.args.grad_accum * self.world
 
     def say(self, text: str, bar=None):
         if self.master:
@@ -529,19 +534,16 @@ def evaluate_and_log(r: Run, val_set, bar=None) -> dict:
     return metrics
 
 
-def stop_early(r: Run, signals: StopSignals, done_here: int, metrics: dict, saved: bool):
-    """--stop-after, or a stop signal: a checkpoint of this step (unless one was just written); the same command
-    continues the run. A signal exits non-zero, so that a scheduler requeues the job."""
+def stop_early(r: Run, signum: int | None, done_here: int, metrics: dict, saved: bool):
+    """--stop-after (signum None), or a stop signal: a checkpoint of this step (unless one was just written); the
+    same command continues the run. A signal exits non-zero, so that a scheduler requeues the job."""
     if not saved:
         save(r)
-    if signals.received is None and not (r.args.stop_after and done_here >= r.args.stop_after):
-        signals.received = signal.SIGTERM  # another rank's signal
-    if signals.received is not None:
-        name = signal.Signals(signals.received).name
+    if signum is not None:
         if r.master:
-            print(f"{name}: stopped at step {r.state['step']} with a checkpoint; the same command continues the run",
-                  file=sys.stderr)
-        raise SystemExit(128 + signals.received)
+            print(f"{signal.Signals(signum).name}: stopped at step {r.state['step']} with a checkpoint; the same "
+                  f"command continues the run", file=sys.stderr)
+        raise SystemExit(128 + signum)
     r.say(f"stopped after {done_here} steps; the same command (or --resume) continues the run")
     return metrics
 
