@@ -300,13 +300,15 @@ def main(argv=None):
     if os.path.exists(args.out) and not args.overwrite:
         p.error(f"{args.out} exists: choose another name, or --overwrite")
     from .config import LongformerConfig
-    config = LongformerConfig.from_pretrained(args.checkpoint)
+    from .hub import resolve
+    checkpoint = resolve(args.checkpoint, "model")  # once: the config and the weights are read from the folder
+    config = LongformerConfig.from_pretrained(checkpoint)
     own = (config.extra.get("architectures") or ["LongformerModel"])[0]
     head = args.head or own
     if head not in HEADS:
         p.error(f"{own} cannot be exported (exportable: {', '.join(HEADS)}); --head LongformerModel exports its "
                 f"encoder")
-    model = HEADS[head].from_pretrained(args.checkpoint)
+    model = HEADS[head].from_pretrained(checkpoint)
     if args.format == "onnx":
         worst = export_onnx(model, args.out, args.max_global_tokens, args.tolerance)
     else:
