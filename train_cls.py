@@ -96,8 +96,8 @@ def _is_token_model(directory):
 
 def load_model(cls, args, id2label, **overrides):
     model = cls.from_pretrained(args.init, id2label=id2label, **overrides)
-    model.config.attention_backend = args.attention_backend
-    model.config.gradient_checkpointing = args.gradient_checkpointing
+    model.settings.attention_backend = args.attention_backend
+    model.gradient_checkpointing_enable(args.gradient_checkpointing)
     if args.max_length > model.config.max_length:
         raise SystemExit(f"--max-length {args.max_length} is longer than the model's position table "
                          f"({model.config.max_length} tokens)")

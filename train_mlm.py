@@ -95,8 +95,8 @@ def build(args):
     else:
         config = longformer.LongformerConfig.from_pretrained(args.config)
         model = longformer.LongformerForMaskedLM(config)
-    config.attention_backend = args.attention_backend
-    config.gradient_checkpointing = args.gradient_checkpointing
+    model.settings.attention_backend = args.attention_backend
+    model.gradient_checkpointing_enable(args.gradient_checkpointing)
     if args.data and os.path.isfile(os.path.join(args.data, "train_dataset.npz")):
         train_set, val_set = read_npz_pair(args.data)
         if train_set.seq_len != args.seq_len:

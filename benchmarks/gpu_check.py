@@ -52,10 +52,10 @@ def run_logged(cmd, log_path, timeout, env=None):
 
 
 def check_env(args):
-    import longformer.kernels.sdpa as sdpa
+    import longformer.plan as plans
     meta = {"python": sys.version.split()[0], "torch": torch.__version__, "device": args.device,
-            "sdpa_backends": [b.name for b in sdpa.choose_backends(args.device)],
-            "sdpa_backends_env": os.environ.get(sdpa.ENV_VAR)}
+            "sdpa_backends": [b.name for b in plans.choose_backends(args.device)],
+            "sdpa_backends_env": os.environ.get(plans.ENV_VAR)}
     try:
         import transformers
         meta["transformers"] = transformers.__version__

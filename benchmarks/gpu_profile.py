@@ -84,6 +84,7 @@ def graph_breaks(config, inputs, with_global, mlm):
     import longformer
     torch._dynamo.reset()
     model = (longformer.LongformerForMaskedLM if mlm else longformer.LongformerModel)(config).to(DEVICE).train()
+    model.settings.max_global_tokens = 1
     ids, gm, labels = inputs
     kw = {"global_attention_mask": gm} if with_global else {}
     if mlm:
@@ -98,8 +99,7 @@ def graph_breaks(config, inputs, with_global, mlm):
 def check_compile(args):
     import longformer
     lines = []
-    small = longformer.LongformerConfig(**{**bench.BASE, "num_hidden_layers": 2}, max_position_embeddings=args.length + 2,
-                                        max_global_tokens=1)
+    small = longformer.LongformerConfig(**{**bench.BASE, "num_hidden_layers": 2}, max_position_embeddings=args.length + 2)
     inputs = bench.make_inputs(args.length, 2, bench.BASE["vocab_size"], DEVICE)
     for name, with_global, mlm in (("encoder, no global tokens", False, False),
                                    ("encoder, global on <s>", True, False), ("masked LM, global on <s>", True, True)):
@@ -109,8 +109,9 @@ def check_compile(args):
             lines.append(f"{name}: explain failed: {repr(e)[:300]}")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = longformer.LongformerConfig(**bench.BASE, max_position_embeddings=args.length + 2, max_global_tokens=1)
+    config = longformer.LongformerConfig(**bench.BASE, max_position_embeddings=args.length + 2)
     model = longformer.LongformerForMaskedLM(config).to(DEVICE).train()
+    model.settings.max_global_tokens = 1
     inputs = bench.make_inputs(args.length, args.batch, bench.BASE["vocab_size"], DEVICE)
     eager = timed(bench.make_step(model, "ours", "train", inputs, "bf16", DEVICE))
     t = time.perf_counter()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from .config import LongformerConfig
 from .files import atomic_save_safetensors
+from .plan import SETTINGS
 
 # (our name, HF's name) as regular expression and replacement; the first match wins.
 HF_NAMES = [
@@ -121,14 +122,17 @@ def load_pretrained(cls, name: str, hub: dict, **config_overrides):
     from .hub import resolve
     directory = resolve(name, "model", **hub)
     config = LongformerConfig.from_pretrained(directory)
-    if config_overrides:
-        overrides = dict(config_overrides)
+    overrides = dict(config_overrides)
+    settings = {k: overrides.pop(k) for k in SETTINGS if k in overrides}  # run-time choices: model.settings
+    if overrides:
         if "num_labels" in overrides:
             n = overrides.pop("num_labels")
             if config.id2label is None or len(config.id2label) != n:
                 overrides.setdefault("id2label", {i: f"LABEL_{i}" for i in range(n)})
         config = LongformerConfig.from_dict({**config.to_dict(), **overrides})
     model = cls(config)
+    for name, value in settings.items():
+        setattr(model.settings, name, value)
     load_state_dict_hf(model, read_state_dict(directory))
     return model
 

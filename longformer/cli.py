@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from .config import ATTENTION_BACKENDS
+from .plan import ATTENTION_BACKENDS
 from .trainer import DEVICES, PRECISIONS, REPORT_TO, TrainArgs
 
 

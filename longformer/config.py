@@ -4,11 +4,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .files import atomic_write_text
-from .kernels.sdpa import parse_backends
+from .plan import SETTINGS
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
-ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "dense")
-RUNTIME_FIELDS = ("attention_backend", "sdpa_backends", "gradient_checkpointing", "max_global_tokens")
 
 
 @dataclass
@@ -33,18 +31,14 @@ class LongformerConfig:
     sep_token_id: int = 2
     id2label: dict[int, str] | None = None
     problem_type: str | None = None  # "single_label_classification", "multi_label_classification", "regression"
-    # Run-time choices, not written to config.json: the attention kernel (longformer/attention/self_attention.py),
-    # which of torch's SDPA kernels it may use, in order (e.g. "cudnn,efficient"; None: the per-device defaults
-    # of longformer/kernels/sdpa.py, or $LONGFORMER_SDPA_BACKENDS), and whether layers recompute their
-    # activations in the backward pass. max_global_tokens: a static count of global-token slots per example
-    # (None: as many as the batch needs, read from the mask once per forward); set, torch.compile sees one graph
-    # with global tokens too (eager mode still reads the counts, to check them), and exported models need it.
-    attention_backend: str = "auto"
-    sdpa_backends: str | None = None
-    gradient_checkpointing: bool | str = False  # True, or "selective": keep the linear outputs, recompute the rest
-    max_global_tokens: int | None = None
     # Fields of config.json that this library does not use, kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __setattr__(self, name, value):
+        if name in SETTINGS:  # once fields here; set silently, they would change nothing
+            raise AttributeError(f"{name} is a run-time setting, not part of the architecture: set "
+                                 f"model.settings.{name} (or pass {name}=... to from_pretrained)")
+        super().__setattr__(name, value)
 
     def __post_init__(self):
         if isinstance(self.attention_window, int):
@@ -75,20 +69,6 @@ class LongformerConfig:
                      f"(the full window: each token sees window // 2 tokens on each side)")
         if self.hidden_act not in ACTIVATIONS:
             fail(f"unknown hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            fail(f"unknown attention_backend {self.attention_backend!r}; "
-                 f"choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.gradient_checkpointing not in (False, True, "selective"):
-            fail(f"gradient_checkpointing must be False, True or 'selective', got {self.gradient_checkpointing!r}")
-        if self.max_global_tokens is not None and (not isinstance(self.max_global_tokens, int)
-                                                   or isinstance(self.max_global_tokens, bool)
-                                                   or self.max_global_tokens < 0):
-            fail(f"max_global_tokens must be a non-negative integer or None, got {self.max_global_tokens!r}")
-        if self.sdpa_backends is not None:
-            try:
-                parse_backends(self.sdpa_backends)
-            except ValueError as e:
-                fail(str(e))
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or not 0 <= p < 1:
@@ -133,7 +113,7 @@ class LongformerConfig:
         return cls(**kwargs, extra=d)
 
     def to_dict(self) -> dict:
-        d = {**self.extra, **{k: v for k, v in asdict(self).items() if k not in ("extra", *RUNTIME_FIELDS)}}
+        d = {**self.extra, **{k: v for k, v in asdict(self).items() if k != "extra"}}
         d["model_type"] = "longformer"
         if self.id2label is None:
             d.pop("id2label")

@@ -61,16 +61,17 @@ class _Exportable(torch.nn.Module):
 
 @contextlib.contextmanager
 def _export_settings(model, max_global_tokens: int | None):
-    """Eval mode, global slots sized at run time (or max_global_tokens static ones), and the explicit attention
-    kernel (plain matmul and softmax, which every runtime has); the model's own settings are restored afterwards."""
-    cfg = model.config
-    saved = cfg.attention_backend, cfg.max_global_tokens, model.training
-    cfg.attention_backend, cfg.max_global_tokens = "chunked", max_global_tokens
+    """Eval mode, global slots sized at run time (or max_global_tokens static ones), and the plan's own band (the
+    exported plan's: plain matmul and softmax, which every runtime has); the model's settings are restored
+    afterwards."""
+    settings = model.settings
+    saved = settings.attention_backend, settings.max_global_tokens, model.training
+    settings.attention_backend, settings.max_global_tokens = "auto", max_global_tokens
     model.eval()
     try:
         yield _Exportable(model).eval()
     finally:
-        cfg.attention_backend, cfg.max_global_tokens = saved[:2]
+        settings.attention_backend, settings.max_global_tokens = saved[:2]
         model.train(saved[2])
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from . import plan as plans
 from .attention import AttentionMasks, LongformerSelfAttention, document_segments
 from .config import LongformerConfig
 from .kernels.cross_entropy import cross_entropy
@@ -69,8 +70,6 @@ class LongformerEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, C)
         self.norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.tied_to_decoder = False  # set by LongformerForMaskedLM
-        self.tied = None  # this forward's TiedGradient, for LongformerForMaskedLM to hand to its decoder
 
     def position_ids(self, input_ids, shape, device, segments=None):
         """RoBERTa's positions: padding_idx + 1, + 2, ... over real tokens; padding tokens get padding_idx.
@@ -87,18 +86,17 @@ class LongformerEmbeddings(nn.Module):
             count = count - torch.where(starts, count - real, 0).cummax(dim=1).values
         return count * real + self.padding_idx
 
-    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        self.tied = None
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, plan, tied=None):
+        """tied: a TiedGradient (kernels/tied.py) through which the masked-LM decoder hands over its gradient of
+        the word embedding, or None."""
         if inputs_embeds is not None:
             x = inputs_embeds
-        elif (self.tied_to_decoder and torch.is_grad_enabled() and self.word.weight.requires_grad
-              and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())):
-            self.tied = TiedGradient()  # see kernels/tied.py
-            x = TiedLookup.apply(input_ids, self.word.weight, self.padding_idx, self.tied)
+        elif tied is not None:
+            x = TiedLookup.apply(input_ids, self.word.weight, self.padding_idx, tied)
         else:
             x = self.word(input_ids)
         x = x + self.position(position_ids) + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x))
+        return self.dropout(self.norm(x, plan), plan)
 
 
 class LongformerLayer(nn.Module):
@@ -114,17 +112,20 @@ class LongformerLayer(nn.Module):
         self.act = ACT_FNS[config.hidden_act]
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, masks: AttentionMasks) -> torch.Tensor:
-        attended = self.attn(x, masks)
+    def forward(self, x: torch.Tensor, masks: AttentionMasks, plan) -> torch.Tensor:
+        attended = self.attn(x, masks, plan)
         with cached_casts():  # without autograd, per_token runs a chunk at a time: each weight cast once
-            return in_row_chunks(self.per_token, x, attended)
+            return in_row_chunks(lambda *xs: self.per_token(*xs, plan), None if plan.grad else plan.row_chunk,
+                                 x, attended)
 
-    def per_token(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def per_token(self, x: torch.Tensor, attended: torch.Tensor, plan) -> torch.Tensor:
         """The rest of the layer, token by token: x and attended [..., C] -> [..., C]. In training the feed-forward's
         second linear keeps only the first's output (linear() recomputes the activation)."""
-        x = self.attn_norm(x + self.dropout(linear(attended, self.attn_out.weight, self.attn_out.bias)))
-        h = linear(x, self.ffn_in.weight, self.ffn_in.bias)
-        return self.ffn_norm(x + self.dropout(linear(h, self.ffn_out.weight, self.ffn_out.bias, self.act)))
+        x = self.attn_norm(x + self.dropout(linear(attended, self.attn_out.weight, self.attn_out.bias, plan), plan),
+                           plan)
+        h = linear(x, self.ffn_in.weight, self.ffn_in.bias, plan)
+        out = linear(h, self.ffn_out.weight, self.ffn_out.bias, plan, self.act)
+        return self.ffn_norm(x + self.dropout(out, plan), plan)
 
 
 class LongformerPreTrainedModel(nn.Module):
@@ -150,9 +151,39 @@ class LongformerPreTrainedModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def gradient_checkpointing_enable(self):
-        """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute."""
-        self.config.gradient_checkpointing = True
+    @property
+    def base_model(self) -> "LongformerModel":
+        """The encoder (HF's name): the model itself, or a head's .longformer."""
+        return getattr(self, "longformer", self)
+
+    @property
+    def settings(self) -> plans.Settings:
+        """The run-time choices (longformer/plan.py's Settings), kept by the encoder and shared by its head:
+        attention_backend, sdpa_backends, plan, gradient_checkpointing, max_global_tokens. The architecture
+        (model.config) stays as loaded."""
+        return self.base_model._settings
+
+    def gradient_checkpointing_enable(self, mode: bool | str = True):
+        """Recompute each layer's activations in the backward pass: less memory, about 1/3 more compute.
+        mode "selective": keep the linear layers' outputs, recompute the rest."""
+        self.settings.gradient_checkpointing = mode
+
+    def gradient_checkpointing_disable(self):
+        self.settings.gradient_checkpointing = False
+
+    def _token_shape_and_plan(self, input_ids, inputs_embeds):
+        """((batch, length) of whichever input is given, the forward's plan), or (None, None): LongformerModel then
+        says what to give."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        return (None, None) if ref is None else (tuple(ref.shape[:2]), self.make_plan(ref))
+
+    def make_plan(self, x: torch.Tensor) -> plans.Plan:
+        """The kernel plan of a forward on x (input ids or embeddings) as things stand: device, autocast, grad mode,
+        tracing, train/eval and the settings."""
+        cfg = self.config
+        trainable = any(p.requires_grad for p in self.parameters())
+        return plans.for_forward(self.settings, x, self.base_model.embeddings.word.weight, trainable,
+                                 self.training and cfg.attention_probs_dropout_prob > 0)
 
     @classmethod
     def from_pretrained(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None,
@@ -161,7 +192,8 @@ class LongformerPreTrainedModel(nn.Module):
         name such as "allenai/longformer-base-4096", found in the Hugging Face cache or fetched (pip install
         "longformer[hub]"; revision, cache_dir, local_files_only and token as in transformers).
 
-        config_overrides replace config fields, e.g. num_labels=3 or attention_backend="chunked".
+        config_overrides replace config fields, e.g. num_labels=3, or set the run-time settings
+        (model.settings), e.g. attention_backend="chunked" or gradient_checkpointing=True.
         """
         from .checkpoint import load_pretrained
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
@@ -173,7 +205,7 @@ class LongformerPreTrainedModel(nn.Module):
         save_pretrained(self, directory)
 
 
-def _check_inputs(config, input_ids, inputs_embeds, **per_token):
+def _check_inputs(config, plan, input_ids, inputs_embeds, **per_token):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids [batch, length] and inputs_embeds [batch, length, hidden]")
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -193,19 +225,20 @@ def _check_inputs(config, input_ids, inputs_embeds, **per_token):
                          f"({config.max_length} tokens, max_position_embeddings={config.max_position_embeddings}): "
                          f"truncate it, or extend the model with `python -m longformer.convert`")
     if input_ids is not None:
-        check_ids("input_ids", input_ids, config.vocab_size, "the vocabulary", "token id",
+        check_ids("input_ids", input_ids, plan, config.vocab_size, "the vocabulary", "token id",
                   "were the texts tokenized with this model's tokenizer?")
     return shape
 
 
-def check_ids(name: str, t: torch.Tensor, size: int, of: str, what: str, hint: str = "", ignored: int | None = None):
+def check_ids(name: str, t: torch.Tensor, plan, size: int, of: str, what: str, hint: str = "",
+              ignored: int | None = None):
     """t holds integers in 0 .. size - 1 (or `ignored`): else a TypeError or a ValueError naming the argument, the
-    first bad value and where it is. The values are read back only in eager mode on CPU, where that waits for
-    nothing: under torch.compile and export, and on GPUs, only the dtype is checked (on a GPU an id out of range
-    stops at the embedding lookup's device-side assert)."""
+    first bad value and where it is. The values are read back only where the plan may (plan.read_back: the CPU
+    plans, where that waits for nothing): traced and on GPUs only the dtype is checked (on a GPU an id out of
+    range stops at the embedding lookup's device-side assert)."""
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer {what}s (torch.long), got {t.dtype}: convert with .long()")
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting() or not t.numel():
+    if not plan.read_back or not t.numel():
         return
     bad = (t < 0) | (t >= size)
     if ignored is not None:
@@ -217,10 +250,6 @@ def check_ids(name: str, t: torch.Tensor, size: int, of: str, what: str, hint: s
                          + (f": {hint}" if hint else ""))
 
 
-def _token_shape(input_ids, inputs_embeds) -> tuple | None:
-    """(batch, length) of whichever input is given, or None (LongformerModel then says what to give)."""
-    ref = input_ids if input_ids is not None else inputs_embeds
-    return None if ref is None else tuple(ref.shape[:2])
 
 
 def _check_label_shape(name: str, labels: torch.Tensor, *shapes: tuple):
@@ -235,40 +264,44 @@ class LongformerModel(LongformerPreTrainedModel):
         self.embeddings = LongformerEmbeddings(config)
         self.layers = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self._settings = plans.Settings()
         self.apply(self.init_weights)
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
-                position_ids=None, inputs_embeds=None, output_hidden_states=False,
-                document_ids=None) -> LongformerBaseModelOutput:
+                position_ids=None, inputs_embeds=None, output_hidden_states=False, document_ids=None, *,
+                plan: plans.Plan | None = None, tied: TiedGradient | None = None) -> LongformerBaseModelOutput:
         """attention_mask: 1 = real token, 0 = padding. global_attention_mask: 1 = global token.
         document_ids [B, L]: several documents packed in a row, each a run of tokens with the same id; no token
         attends across a document boundary, and positions restart at each document, so that every document
-        gets the hidden states it gets alone."""
-        shape = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask=attention_mask,
+        gets the hidden states it gets alone. plan: the kernel plan (longformer/plan.py; by default make_plan's);
+        tied: the masked-LM head's TiedGradient."""
+        if plan is None and (input_ids is not None or inputs_embeds is not None):
+            plan = self.make_plan(input_ids if input_ids is not None else inputs_embeds)
+        shape = _check_inputs(self.config, plan, input_ids, inputs_embeds, attention_mask=attention_mask,
                               global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                               position_ids=position_ids, document_ids=document_ids)
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         segments = None if document_ids is None else document_segments(document_ids)
         if position_ids is None:
             position_ids = self.embeddings.position_ids(input_ids, shape, device, segments)
-        elif int(position_ids.max()) >= self.config.max_position_embeddings:
+        elif plan.read_back and int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position_ids reach {int(position_ids.max())} but the position table has "
                              f"{self.config.max_position_embeddings} rows")
         if token_type_ids is None:
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
         keep = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         masks = AttentionMasks(keep, None if global_attention_mask is None else global_attention_mask.bool(),
-                               self.config.max_global_tokens, segments)
+                               self.settings.max_global_tokens, segments, plan.tracing)
 
-        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, plan, tied)
         hidden_states = [x] if output_hidden_states else None
-        mode = self.config.gradient_checkpointing if self.training and torch.is_grad_enabled() else False
+        mode = self.settings.gradient_checkpointing if self.training and plan.grad else False
         recompute = {"context_fn": _keep_matmul_outputs} if mode == "selective" else {}
         for layer in self.layers:
             if mode:
-                x = checkpoint(layer, x, masks, use_reentrant=False, **recompute)
+                x = checkpoint(layer, x, masks, plan, use_reentrant=False, **recompute)
             else:
-                x = layer(x, masks)
+                x = layer(x, masks, plan)
             if output_hidden_states:
                 hidden_states.append(x)
         if masks.overflow is not None:  # a traced graph cannot raise: an example over its global slots gets NaN
@@ -292,8 +325,7 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
     def __init__(self, config: LongformerConfig):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
-        self.lm_head = LongformerLMHead(config, self.longformer.embeddings.word)
-        self.longformer.embeddings.tied_to_decoder = True
+        self.lm_head = LongformerLMHead(config)
         self.lm_head.apply(self.init_weights)
 
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
@@ -304,20 +336,22 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         logits_at_labels_only: compute the vocabulary projection only where labels != -100 (the decoder is
         the model's largest matmul) and return logits [num_predicted, vocab] instead of [B, L, vocab].
         """
-        shape = _token_shape(input_ids, inputs_embeds)
+        shape, plan = self._token_shape_and_plan(input_ids, inputs_embeds)
         if labels is not None and shape is not None:
             _check_label_shape("labels", labels, shape)
-            check_ids("labels", labels, self.config.vocab_size, "the vocabulary", "token id", ignored=-100)
+            check_ids("labels", labels, plan, self.config.vocab_size, "the vocabulary", "token id", ignored=-100)
+        word = self.longformer.embeddings.word.weight
+        # The decoder's gradient of the shared word embedding goes to the lookup's backward (kernels/tied.py).
+        tied = TiedGradient() if plan and plan.tied_lookup and word.requires_grad and inputs_embeds is None else None
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states, document_ids)
-        tied, self.longformer.embeddings.tied = self.longformer.embeddings.tied, None
+                              inputs_embeds, output_hidden_states, document_ids, plan=plan, tied=tied)
         h = out.last_hidden_state
         if logits_at_labels_only:
             if labels is None:
                 raise ValueError("logits_at_labels_only=True needs labels")
             selected = labels.ne(-100)
             h, labels = h[selected], labels[selected]
-        logits = self.lm_head(h, tied)
+        logits = self.lm_head(h, word, plan, tied)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -327,17 +361,17 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
 class LongformerLMHead(nn.Module):
     """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings, with its own bias."""
 
-    def __init__(self, config: LongformerConfig, word_embeddings: nn.Embedding):
+    def __init__(self, config: LongformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.word_embeddings = [word_embeddings]  # a list, so that the shared weight is not registered twice
 
-    def forward(self, h, tied=None):
-        """tied: the TiedGradient of the forward pass whose word embeddings made h, or None."""
-        h = self.layer_norm(F.gelu(linear(h, self.dense.weight, self.dense.bias)))
-        return linear(h, self.word_embeddings[0].weight, self.bias, tied=tied)
+    def forward(self, h, decoder_weight, plan, tied=None):
+        """decoder_weight: the word embedding [vocab, C]; tied: the TiedGradient of the forward pass whose word
+        embeddings made h, or None."""
+        h = self.layer_norm(F.gelu(linear(h, self.dense.weight, self.dense.bias, plan)))
+        return linear(h, decoder_weight, self.bias, plan, tied=tied)
 
 
 def _problem_type(config, labels) -> str:
@@ -349,14 +383,14 @@ def _problem_type(config, labels) -> str:
     return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
 
 
-def _check_classification_labels(config, labels, batch: int):
+def _check_classification_labels(config, plan, labels, batch: int):
     problem = _problem_type(config, labels)
     if problem == "regression":
         _check_label_shape("labels", labels, (batch,), (batch, 1))
     elif problem == "single_label_classification":
         _check_label_shape("labels", labels, (batch,))
         names = ", ".join(f"{i} {config.id2label[i]}" for i in sorted(config.id2label or {})[:10])
-        check_ids("labels", labels, config.num_labels, "the label set", "label", f"the labels are {names}")
+        check_ids("labels", labels, plan, config.num_labels, "the label set", "label", f"the labels are {names}")
     else:
         _check_label_shape("labels", labels, (batch, config.num_labels))
 
@@ -379,8 +413,8 @@ class LongformerClassificationHead(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, h):
-        h = self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0]))))
+    def forward(self, h, plan):
+        h = self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0], plan))), plan)
         return self.out_proj(h)
 
 
@@ -394,15 +428,15 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, output_hidden_states=False) -> LongformerHeadOutput:
         """Without a global_attention_mask the first token is global, as in HF."""
-        shape = _token_shape(input_ids, inputs_embeds)
+        shape, plan = self._token_shape_and_plan(input_ids, inputs_embeds)
         if labels is not None and shape is not None:
-            _check_classification_labels(self.config, labels, shape[0])
+            _check_classification_labels(self.config, plan, labels, shape[0])
         if global_attention_mask is None and shape is not None:
             device = (input_ids if input_ids is not None else inputs_embeds).device
             global_attention_mask = (torch.arange(shape[1], device=device) == 0).long().expand(shape)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states)
-        logits = self.classifier(out.last_hidden_state)
+                              inputs_embeds, output_hidden_states, plan=plan)
+        logits = self.classifier(out.last_hidden_state, plan)
         loss = _classification_loss(self.config, logits, labels) if labels is not None else None
         return LongformerHeadOutput(loss, logits, out.hidden_states)
 
@@ -420,13 +454,13 @@ class LongformerForTokenClassification(LongformerPreTrainedModel):
                 document_ids=None) -> LongformerHeadOutput:
         """labels [B, L]: class per token, -100 where no label applies (padding, continuation sub-words).
         document_ids: as LongformerModel's."""
-        shape = _token_shape(input_ids, inputs_embeds)
+        shape, plan = self._token_shape_and_plan(input_ids, inputs_embeds)
         if labels is not None and shape is not None:
             _check_label_shape("labels", labels, shape)
-            check_ids("labels", labels, self.config.num_labels, "the label set", "label", ignored=-100)
+            check_ids("labels", labels, plan, self.config.num_labels, "the label set", "label", ignored=-100)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states, document_ids)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
+                              inputs_embeds, output_hidden_states, document_ids, plan=plan)
+        logits = self.classifier(self.dropout(out.last_hidden_state, plan))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
@@ -466,7 +500,7 @@ class LongformerForQuestionAnswering(LongformerPreTrainedModel):
                 output_hidden_states=False) -> LongformerQuestionAnsweringModelOutput:
         """Without a global_attention_mask the question (the tokens before the first </s>) is global, as in HF.
         start_positions, end_positions [B]: token indices; those outside the input are ignored by the loss."""
-        shape = _token_shape(input_ids, inputs_embeds)
+        shape, plan = self._token_shape_and_plan(input_ids, inputs_embeds)
         for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
             if positions is not None and shape is not None:
                 _check_label_shape(name, positions, shape[:1], (shape[0], 1))
@@ -477,7 +511,7 @@ class LongformerForQuestionAnswering(LongformerPreTrainedModel):
             elif input_ids.dim() == 2 and input_ids.numel():  # else LongformerModel names what is wrong
                 global_attention_mask = _segment_global_mask(input_ids, self.config.sep_token_id, True)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
-                              inputs_embeds, output_hidden_states)
+                              inputs_embeds, output_hidden_states, plan=plan)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)  # [B, L] each
         loss = None
@@ -507,15 +541,16 @@ class LongformerForMultipleChoice(LongformerPreTrainedModel):
             raise ValueError("give input_ids [batch, num_choices, length] (or inputs_embeds [batch, num_choices, "
                              f"length, hidden]), got {None if ref is None else tuple(ref.shape)}")
         B, num_choices = ref.shape[:2]
+        plan = self.make_plan(ref)
         if labels is not None:
             _check_label_shape("labels", labels, (B,))
-            check_ids("labels", labels, num_choices, "the choices", "choice")
+            check_ids("labels", labels, plan, num_choices, "the choices", "choice")
         flat = lambda t: None if t is None else t.reshape(B * num_choices, *t.shape[2:])  # noqa: E731
         global_mask = flat(global_attention_mask)  # [B * num_choices, L]
         if global_mask is None and input_ids is not None and input_ids.numel():
             global_mask = _segment_global_mask(flat(input_ids), self.config.sep_token_id, False, num_choices)
         out = self.longformer(flat(input_ids), flat(attention_mask), global_mask, flat(token_type_ids),
-                              flat(position_ids), flat(inputs_embeds), output_hidden_states)
-        logits = self.classifier(self.dropout(out.pooler_output)).view(B, num_choices)
+                              flat(position_ids), flat(inputs_embeds), output_hidden_states, plan=plan)
+        logits = self.classifier(self.dropout(out.pooler_output, plan)).view(B, num_choices)
         loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
         return LongformerHeadOutput(loss, logits, out.hidden_states)

@@ -1,7 +1,7 @@
 """AttentionMasks: what every layer needs to know about padding and global tokens, computed once a forward."""
 import torch
 
-from ..kernels import band_mask, window_mask
+from ..kernels.banded import band_mask
 
 
 class AttentionMasks:
@@ -14,11 +14,12 @@ class AttentionMasks:
     more global tokens; a traced graph cannot raise, so it marks such examples in `overflow` [B] and the model
     makes their outputs NaN. Without max_global, G is the most any example has: in eager mode the one host sync
     that global attention needs (once per forward, not per layer, and none without a global_attention_mask);
-    under torch.export a size read from the mask when the graph runs.
+    under torch.export a size read from the mask when the graph runs. tracing: the plan's (None, "compile" or
+    "export"), which decides between these.
     """
 
     def __init__(self, keep: torch.Tensor, is_global: torch.Tensor | None = None, max_global: int | None = None,
-                 segments: torch.Tensor | None = None):
+                 segments: torch.Tensor | None = None, tracing: str | None = None):
         self.keep, self.segments = keep, segments
         B, L = keep.shape
         self.is_global = torch.zeros_like(keep) if is_global is None else is_global & keep  # padding is never global
@@ -26,11 +27,11 @@ class AttentionMasks:
         self.overflow = None
         if max_global is not None:
             self.num_global = max_global
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            if tracing:
                 self.overflow = counts > max_global
             else:
                 _check_global_counts(counts, max_global)
-        elif is_global is not None and torch.compiler.is_exporting():
+        elif is_global is not None and tracing == "export":
             # At least one slot (masked where unused): with none, onnxruntime broadcasts the [B, 1] batch index
             # against the [B, 0] slots to [B, 1], and the scatter of the global rows fails.
             G = counts.max().clamp(min=1).item()
@@ -52,23 +53,18 @@ class AttentionMasks:
         # global token's own document [B, G, L].
         self.global_keys = keep if segments is None else (
             keep[:, None, :] & (segments[:, None, :] == self.global_segments[:, :, None]))
-        self._window_masks = {}
+        self._band_masks = {}
 
-    def window_mask(self, w: int, dtype: torch.dtype) -> torch.Tensor:
-        """The additive mask for window w, built once and shared by the layers that use w."""
-        if (w, dtype) not in self._window_masks:
-            self._window_masks[w, dtype] = window_mask(
-                self.keep, self.local_keys, w, dtype, self.global_valid if self.num_global else None,
-                self.segments, self.global_segments if self.num_global else None)
-        return self._window_masks[w, dtype]
-
-    def band_mask(self, w: int, dtype: torch.dtype, kernel: str) -> torch.Tensor:
-        """The mask of strided_band_attention's kernel for window w, built once and shared like window_mask's."""
-        if (kernel, w, dtype) not in self._window_masks:
-            self._window_masks[kernel, w, dtype] = band_mask(
-                self.keep, self.local_keys, w, dtype, kernel, self.segments,
-                self.global_allowed() if self.num_global else None)
-        return self._window_masks[kernel, w, dtype]
+    def band_mask(self, w: int, n: int, dtype: torch.dtype, global_keys: bool = True, multiple: int = 1,
+                  key_major: bool = False) -> torch.Tensor:
+        """banded.band_mask for window w in blocks of n, with the global slots (unless global_keys is False),
+        built once a forward and shared by the layers that ask for the same."""
+        key = (w, n, dtype, global_keys, multiple, key_major)
+        if key not in self._band_masks:
+            self._band_masks[key] = band_mask(self.keep, self.local_keys, w, n, dtype, self.segments,
+                                              self.global_allowed() if global_keys and self.num_global else None,
+                                              multiple, key_major)
+        return self._band_masks[key]
 
     def global_allowed(self) -> torch.Tensor:
         """[B, L, G] bool: the global keys each query sees (the valid slots; with segments, its own document's)."""

@@ -1,8 +1,3 @@
-"""The fast ops behind the attention: banded sliding-window attention and re-associated global attention."""
-from .banded import sliding_window_attention, window_mask
-from .global_attention import global_query_attention
-from .sdpa import choose_backends
-from .strided import band_kernel, band_mask, strided_band_attention
-
-__all__ = ["band_kernel", "band_mask", "choose_backends", "global_query_attention", "sliding_window_attention",
-           "strided_band_attention", "window_mask"]
+"""The fast ops behind the model, each chosen by the forward's plan (longformer/plan.py): the band paths
+(banded.py, strided.py), re-associated global attention, and the lean linear, LayerNorm, dropout, loss and tied
+embedding of training."""

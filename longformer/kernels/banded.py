@@ -1,13 +1,14 @@
-"""Sliding-window attention as blocks: queries in blocks of w against their three neighbouring key blocks.
+"""Sliding-window attention in blocks, and the helpers every band path shares: padding, key windows, the band mask.
 
-A query at position i = c*w + a (block c, offset a) may see keys j with |i - j| <= w. All such keys lie in
-blocks c-1, c, c+1, so each block of w queries attends to a window of 3w keys (plus the G global keys,
-appended to every window) under one static band pattern. That is a batch of small dense attentions: the
-scores never exceed [w, 3w + G] per block, memory is linear in L, and the whole thing is a single call
-of torch's scaled_dot_product_attention (fused: scores and probabilities never reach memory), or of the
-explicit matmul-softmax-matmul below where SDPA is unwanted. L need not be a multiple of w: the last
-block is padded here and the padding is cut from the output. These blocks serve CUDA, torch.compile and
-export, and the "chunked" backend; on CPU in eager mode kernels/strided.py runs the band instead.
+Every band path cuts the queries into blocks of n and gives block c the keys c*n - w .. c*n + n - 1 + w: all that
+its queries may see (|i - j| <= w) lie in that window of 2w + n keys, under one static band pattern (query a of a
+block sees slots a .. a + 2w). The global keys come after the window, each path its own way. Here the blocks are
+of n = w queries, so that each window is three whole blocks (c-1, c, c+1) of copied keys, the G global keys
+appended, and the key count padded: a batch of small dense attentions, the scores never beyond [w, 3w + G] per
+block, memory linear in L, in one call of torch's scaled_dot_product_attention (fused: scores and probabilities
+never reach memory) or of the explicit matmul-softmax-matmul below. L need not be a multiple of n: the last block
+is padded and the padding cut from the output. This is the band of the cuda, compiled and exported plans
+(longformer/plan.py); kernels/strided.py has the CPU ones, which take the same masks in other layouts.
 """
 import math
 
@@ -15,20 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+# Key slots per block are padded to a multiple of this: CUDA's memory-efficient SDPA wants every mask
+# stride but the last to be a multiple of 8, and otherwise copies the mask on every call.
+KEY_MULTIPLE = 8
 
-def _pad_blocks(x: torch.Tensor, w: int, before: int = 0, after: int = 0) -> torch.Tensor:
-    """x [B, L, *rest] -> [B, (before + nc + after) * w, *rest], nc = num_blocks(L, w): `before` blocks of zeros,
-    x, zeros up to whole blocks, `after` blocks of zeros. Works for every dtype, bool included."""
-    L = x.shape[1]
-    nc = num_blocks(L, w)
-    zeros = lambda n: x.new_zeros(x.shape[0], n, *x.shape[2:])  # noqa: E731
-    if isinstance(L, int):
-        pad = nc * w - L + after * w
-        return x if before == pad == 0 else torch.cat([zeros(before * w), x, zeros(pad)], dim=1)
-    # A symbolic L (torch.export): zeros of static sizes, then a slice, so that no size depends on L % w and
-    # the exported graph holds for every length.
-    padded = torch.cat([zeros(before * w), x, zeros((after + 1) * w)], dim=1)
-    return contiguous(padded.narrow(1, 0, (before + nc + after) * w))
+
+def num_blocks(length: int, n: int) -> int:
+    # Written with positive operands only: an exported graph's integer division truncates (ONNX Div),
+    # which equals floor division only there.
+    return (length + n - 1) // n
 
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -37,76 +33,98 @@ def contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def num_blocks(length: int, w: int) -> int:
-    # Written with positive operands only: an exported graph's integer division truncates (ONNX Div),
-    # which equals floor division only there.
-    return (length + w - 1) // w
+def pad(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
+    """x [B, L, *rest] -> [B, rows, *rest]: `before` zeros, x, zeros up to rows (x itself where that is x). Works
+    for every dtype, bool included."""
+    if before == 0 and rows == x.shape[1]:
+        return x
+    zeros = lambda n: x.new_zeros(x.shape[0], n, *x.shape[2:])  # noqa: E731
+    return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
 
-# Key slots per block are padded to a multiple of this: CUDA's memory-efficient SDPA wants every mask
-# stride but the last to be a multiple of 8, and otherwise copies the mask on every call.
-KEY_MULTIPLE = 8
+def pad_blocks(x: torch.Tensor, n: int, before: int = 0, after: int = 0) -> torch.Tensor:
+    """x [B, L, *rest] -> [B, (before + nc + after) * n, *rest], nc = num_blocks(L, n): `before` blocks of zeros,
+    x, zeros up to whole blocks, `after` blocks of zeros."""
+    L = x.shape[1]
+    nc = num_blocks(L, n)
+    if isinstance(L, int):
+        return pad(x, before * n, (before + nc + after) * n)
+    # A symbolic L (torch.export): zeros of static sizes, then a slice, so that no size depends on L % n and
+    # the exported graph holds for every length.
+    zeros = lambda m: x.new_zeros(x.shape[0], m, *x.shape[2:])  # noqa: E731
+    padded = torch.cat([zeros(before * n), x, zeros((after + 1) * n)], dim=1)
+    return contiguous(padded.narrow(1, 0, (before + nc + after) * n))
 
 
-def num_keys(w: int, num_global: int = 0) -> int:
-    """Key slots per block: 3w window keys, the global keys, masked slack up to a multiple of KEY_MULTIPLE."""
-    return num_blocks(3 * w + num_global, KEY_MULTIPLE) * KEY_MULTIPLE
+def num_keys(w: int, n: int, num_global=0, multiple: int = 1):
+    """Key slots per block: the window's 2w + n, the global keys, masked slack up to a multiple of `multiple`."""
+    return num_blocks(2 * w + n + num_global, multiple) * multiple
 
 
-def key_windows(x: torch.Tensor, w: int, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, L, *rest] -> [B, nc, num_keys(w, G), *rest]: block c gets blocks c-1, c, c+1 of x, then `extra`
-    [B, G, *rest], then zeros up to the padded key count.
+def key_windows(x: torch.Tensor, w: int, n: int, extra: torch.Tensor | None = None,
+                multiple: int = 1) -> torch.Tensor:
+    """x [B, L, *rest] -> [B, nc, num_keys(w, n, G, multiple), *rest], nc = num_blocks(L, n): block c gets rows
+    c*n - w .. c*n + n - 1 + w of x (zeros outside it), then `extra` [B, G, *rest], then zeros (the slack).
 
-    Blocks before the start and after the end are zeros; the band mask hides them, and the slack slots.
-    """
+    Where w is whole blocks (the blocks band: n = w) the window is 2w/n + 1 shifted copies of x's blocks, which
+    every tracer takes; otherwise (the CPU kernels' masks, in eager mode) an overlapping view of x, copied."""
     B, L, rest = x.shape[0], x.shape[1], x.shape[2:]
-    nc = num_blocks(L, w)
-    xb = _pad_blocks(x, w, 1, 1).view(B, nc + 2, w, *rest)  # [B, nc + 2, w, *rest]
-    parts = [xb[:, :-2], xb[:, 1:-1], xb[:, 2:]]
+    nc = num_blocks(L, n)
+    if w % n == 0:
+        r = w // n
+        xb = pad_blocks(x, n, r, r).view(B, nc + 2 * r, n, *rest)  # [B, nc + 2r, n, *rest]
+        parts = [xb[:, i:i + nc] for i in range(2 * r + 1)]
+    else:
+        parts = [pad(x, w, nc * n + 2 * w).unfold(1, 2 * w + n, n).movedim(-1, 2)]  # [B, nc, 2w + n, *rest]
     G = 0 if extra is None else extra.shape[1]
     if G:
         parts.append(extra[:, None].expand(B, nc, *extra.shape[1:]))
-    slack = num_keys(w, G) - 3 * w - G
+    slack = num_keys(w, n, G, multiple) - 2 * w - n - G
     if not isinstance(slack, int) or slack:  # a count sized at run time (export) may be 0: an empty part then
         parts.append(x.new_zeros(B, nc, slack, *rest))
     return torch.cat(parts, dim=2)
 
 
-def window_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype,
-                global_valid: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                global_segments: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask [B * nc, 1, w, num_keys(w, G)] for sliding_window_attention.
+def band_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, n: int, dtype: torch.dtype,
+              segments: torch.Tensor | None = None, global_allowed: torch.Tensor | None = None,
+              multiple: int = 1, key_major: bool = False) -> torch.Tensor:
+    """The additive mask of blocks of n queries against key_windows(k, w, n, the G global keys, multiple):
+    [B, nc, n, S] (key-major: [B, nc, S, n]), 0 where query a of block c may see slot s, else the dtype's most
+    negative finite value (not -inf, and q's dtype, so that SDPA casts nothing).
 
-    keep [B, L] bool: real tokens. local_keys [B, L] bool: keys reachable through the window (real tokens
-    that are not global; global tokens are reached through their own columns instead, so they are not
-    counted twice). global_valid [B, G] bool: which global-key slots hold a real global token.
-    segments [B, L] and global_segments [B, G] (packed documents): a key is seen only from its own segment.
+    keep [B, L] bool: real tokens. local_keys [B, L] bool: keys reached through the window (real tokens that are
+    not global: those are reached through their own slots instead, so they are not counted twice). segments
+    [B, L] (packed documents): a key is seen only from its own segment. global_allowed [B, L, G] bool: the global
+    slots each query sees (masks.global_allowed), or None for none.
 
-    Every row allows at least one key: a query that is not a real token (padding, or the tail of the last
-    block) sees itself. CUDA's fused kernels return NaN for a row with no key at all, and 0 x NaN stays NaN
-    when padding is zeroed, so such a row would poison every real token whose window reaches it.
-    """
+    Every row allows at least one key: a query that is not a real token (padding, or the tail of the last block)
+    sees itself. CUDA's fused kernels return NaN for a row with no key at all, and 0 x NaN stays NaN when
+    padding is zeroed, so such a row would poison every real token whose window reaches it."""
     B, L = keep.shape
-    nc, S = num_blocks(L, w), num_keys(w, 0 if global_valid is None else global_valid.shape[1])
-    a = torch.arange(w, device=keep.device)[:, None]
-    b = torch.arange(S, device=keep.device)[None, :]
-    # |(c*w + a) - ((c-1)*w + b)| <= w over the 3w window keys; past them the slots decide by themselves.
-    band = ((b >= a) & (b <= a + 2 * w)) | (b >= 3 * w)  # [w, S]
-    allowed = band & key_windows(local_keys, w, global_valid)[:, :, None, :]  # [B, nc, w, S]
+    nc = num_blocks(L, n)
+    a = torch.arange(n, device=keep.device)[:, None]
+    b = torch.arange(2 * w + n, device=keep.device)[None, :]
+    allowed = ((b >= a) & (b <= a + 2 * w)) & key_windows(local_keys, w, n)[:, :, None, :]  # [B, nc, n, 2w + n]
     if segments is not None:
-        query_segment = _pad_blocks(segments, w).view(B, nc, w, 1)
-        allowed &= query_segment == key_windows(segments, w, global_segments)[:, :, None, :]
-    not_real = ~_pad_blocks(keep, w).view(B, nc, w, 1)
-    allowed |= not_real & (b == a + w)  # the query's own slot, in the middle block
-    # The dtype's most negative finite value rather than -inf, with q's dtype, so that SDPA casts nothing.
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.view(B * nc, 1, w, S)
+        allowed &= pad_blocks(segments, n).view(B, nc, n, 1) == key_windows(segments, w, n)[:, :, None, :]
+    allowed |= ~pad_blocks(keep, n).view(B, nc, n, 1) & (b == a + w)  # the query's own slot
+    parts = [allowed]
+    G = 0 if global_allowed is None else global_allowed.shape[2]
+    if G:
+        parts.append(pad_blocks(global_allowed, n).view(B, nc, n, G))
+    slack = num_keys(w, n, G, multiple) - 2 * w - n - G
+    if not isinstance(slack, int) or slack:
+        parts.append(allowed.new_zeros(B, nc, n, slack))
+    allowed = torch.cat(parts, dim=-1) if len(parts) > 1 else allowed
+    if key_major:
+        allowed = allowed.transpose(-1, -2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # contiguous in either layout
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
-    """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends
-    (from sdpa.choose_backends); with None, explicit with an fp32 softmax."""
+    """softmax(q k^T / sqrt(D) + mask) v over [N, H, S, D] tensors: fused SDPA restricted to sdpa_backends (the
+    plan's), or with None explicit, with an fp32 softmax."""
     if sdpa_backends is not None:
         with sdpa_kernel(list(sdpa_backends), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -117,14 +135,16 @@ def attend(q, k, v, mask, dropout_p: float, sdpa_backends: tuple | None):
     return torch.matmul(probs, v)
 
 
-def sliding_window_attention(q, k, v, w: int, mask, k_global=None, v_global=None,
-                             dropout_p: float = 0.0, sdpa_backends: tuple | None = None):
-    """Local (+ global-key) attention. q, k, v [B, L, H, D]; k_global, v_global [B, G, H, D]; mask from
-    window_mask; sdpa_backends as for attend. Returns [B, L, H, D]."""
+def blocks_band(q, k, v, w: int, masks, glob, dropout_p: float, plan, project=None):
+    """The band in blocks of w queries. q, k, v [B, L, H, D]; masks: AttentionMasks; glob: the global keys and
+    values [B, G, H, D], or None; plan.sdpa as for attend (project is the explicit band's). Returns [B, L, H, D]."""
     B, L, H, D = q.shape
     nc = num_blocks(L, w)
-    qb = _pad_blocks(q, w).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
-    kw = key_windows(k, w, k_global).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D], S = num_keys(w, G)
-    vw = key_windows(v, w, v_global).flatten(0, 1).transpose(1, 2)
-    out = attend(qb, kw, vw, mask, dropout_p, sdpa_backends)  # [B*nc, H, w, D]
+    S = num_keys(w, w, masks.num_global if glob else 0, KEY_MULTIPLE)
+    mask = masks.band_mask(w, w, q.dtype, multiple=KEY_MULTIPLE).view(B * nc, 1, w, S)
+    k_glob, v_glob = glob or (None, None)
+    qb = pad_blocks(q, w).view(B * nc, w, H, D).transpose(1, 2)  # [B*nc, H, w, D]
+    kw = key_windows(k, w, w, k_glob, KEY_MULTIPLE).flatten(0, 1).transpose(1, 2)  # [B*nc, H, S, D]
+    vw = key_windows(v, w, w, v_glob, KEY_MULTIPLE).flatten(0, 1).transpose(1, 2)
+    out = attend(qb, kw, vw, mask, dropout_p, plan.sdpa)  # [B*nc, H, w, D]
     return out.transpose(1, 2).reshape(B, nc * w, H, D).narrow(1, 0, L)

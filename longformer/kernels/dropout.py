@@ -4,8 +4,8 @@ torch's CPU dropout draws a float per element and keeps that float noise tensor 
 the activation it drops: 12 MB per dropout of longformer-base at 4,096 tokens in fp32, 25 in a layer). Here
 two 16-bit decisions come from each 32-bit hash of a counter (the keep probability exact to 1/65536), and
 backward reads them back from one bit each: 6-7 against 17-18 ms for forward and backward of a dropout of
-[4096, 768] fp32 on a 2-core EPYC, and 1/32 of the memory. On other devices (and inside torch.compile)
-torch's own dropout runs: CUDA's is fused and keeps one byte per element.
+[4096, 768] fp32 on a 2-core EPYC, and 1/32 of the memory. The CPU plans use it (longformer/plan.py); the others
+run torch's own dropout: CUDA's is fused and keeps one byte per element.
 
 Why a hash: torch's CPU generator (mt19937) runs on one core, while the other waits. Hashing the counter
 i = 0, 1, ... with elementwise int32 ops runs on every core: for the [2, 12, 577, 64] decisions of one group
@@ -100,11 +100,11 @@ class BitDropout(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (same p, same train/eval switch), with decisions kept as bits on CPU."""
+    """nn.Dropout (same p, same train/eval switch), with decisions kept as bits where the plan says so."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan=None) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if plan is None or plan.dropout != "bits":
             return F.dropout(x, self.p, True)
         return BitDropout.apply(x, self.p)

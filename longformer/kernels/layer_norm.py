@@ -6,7 +6,7 @@ recovering the normalised input from it, x_hat = (y - bias) / weight, saves one 
 LayerNorm: 2 x 12.6 MB a layer of longformer-base at 4,096 tokens in fp32 (as Apex's memory-efficient
 LayerNorm does). That recovery needs every weight to be non-zero; where one is zero, torch's LayerNorm runs.
 Under autocast it keeps the normalised input x_hat in autocast's dtype instead (6.3 against 12.6 MB).
-CPU only: the check reads the weight back, which on a GPU would wait for it.
+The cpu-training plan only: the check reads the weight back, which on a GPU would wait for it.
 """
 import torch
 from torch import nn
@@ -43,14 +43,12 @@ class OutputLayerNorm(torch.autograd.Function):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state dict), keeping its output for backward on CPU in training, or
-    under autocast its normalised input in autocast's dtype."""
+    """nn.LayerNorm (same parameters and state dict), keeping its output for backward where the plan says so
+    (cpu-training), or under autocast its normalised input in autocast's dtype."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or self.weight is None or self.bias is None):
+    def forward(self, x: torch.Tensor, plan=None) -> torch.Tensor:
+        if plan is None or plan.layer_norm != "keep-output" or self.weight is None or self.bias is None:
             return super().forward(x)
-        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        if low is None and not bool(self.weight.ne(0).all()):
+        if plan.autocast is None and not bool(self.weight.ne(0).all()):
             return super().forward(x)
-        return OutputLayerNorm.apply(x, self.weight, self.bias, self.eps, low)
+        return OutputLayerNorm.apply(x, self.weight, self.bias, self.eps, plan.autocast)

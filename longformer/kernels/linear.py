@@ -23,23 +23,17 @@ import torch.nn.functional as F
 
 from .rows import in_row_chunks, row_slices
 
-_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-# The dtypes matmul_t sends to it: bf16 only where the CPU has bf16 instructions.
-ONEDNN_DTYPES = () if _onednn_linear is None else (
-    (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,))
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
-def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_t(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan) -> torch.Tensor:
     """x @ w^T (+ bias) as F.linear computes it, autocast's cast included: x [..., K], w [N, K], any strides.
-    On CPU in eager mode through oneDNN's linear op (see above; unless torch.backends.mkldnn.enabled is off),
-    else F.linear."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    Through oneDNN's linear op where the plan says so (see above), else F.linear."""
+    if plan.linear != "onednn":
         return F.linear(x, w, bias)
-    if torch.is_autocast_enabled("cpu"):  # autocast knows nothing of the oneDNN op: its cast, done here
-        dtype = torch.get_autocast_dtype("cpu")
-        x, w, bias = x.to(dtype), _cast(w, dtype), None if bias is None else _cast(bias, dtype)
-    if (x.dtype != w.dtype or x.dtype not in ONEDNN_DTYPES or x.shape[-1] == 0
-            or not torch.backends.mkldnn.enabled):
+    if plan.autocast:  # autocast knows nothing of the oneDNN op: its cast, done here
+        x, w, bias = x.to(plan.autocast), _cast(w, plan.autocast), None if bias is None else _cast(bias, plan.autocast)
+    if x.shape[-1] == 0:
         return F.linear(x, w, bias)
     return _onednn_linear(x, w, bias, "none", [], "")
 
@@ -72,10 +66,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class ActLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, act, tied):
-        device = h.device.type
-        ctx.act, ctx.tied = act, tied
-        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    def forward(ctx, h, weight, bias, act, tied, plan):
+        ctx.act, ctx.tied, ctx.plan, ctx.cast = act, tied, plan, plan.autocast
         ctx.input_dtype = h.dtype
         cast_weight = None
         if ctx.cast:  # cast here, rather than by autocast, whose cache would keep the copy to the end of the forward
@@ -85,8 +77,8 @@ class ActLinear(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, cast_weight if tied is not None else None)
         w, b = (weight, bias) if cast_weight is None else (cast_weight, None if bias is None else bias.to(ctx.cast))
         if act is None:  # one product: in chunks, then concatenated, was 10-20% slower
-            return matmul_t(h, w, b)
-        return in_row_chunks(lambda x: matmul_t(act(x), w, b), h)
+            return matmul_t(h, w, b, plan)
+        return in_row_chunks(lambda x: matmul_t(act(x), w, b, plan), plan.row_chunk, h)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -96,28 +88,30 @@ class ActLinear(torch.autograd.Function):
         grad_h = torch.empty_like(hs, dtype=ctx.input_dtype) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # written by the first chunk
         w = cast(weight) if cast_weight is None else cast_weight
-        for i, rows in enumerate(row_slices(hs.shape[0], hs.device)):
+        onednn_weight_grad = ctx.plan.linear == "onednn" and ctx.cast is None
+        for i, rows in enumerate(row_slices(hs.shape[0], ctx.plan.row_chunk)):
             with torch.enable_grad():
                 x = hs[rows].detach().requires_grad_(ctx.act is not None)
                 a = x if ctx.act is None else ctx.act(x)
             if grad_h is not None:
-                grad_a = matmul_t(gs[rows], w.t()).to(a.dtype)
+                grad_a = matmul_t(gs[rows], w.t(), None, ctx.plan).to(a.dtype)
                 grad_h[rows] = grad_a if ctx.act is None else torch.autograd.grad(a, x, grad_a)[0]
             if grad_w is not None:
-                _add_weight_grad(grad_w, gs[rows], cast(a.detach()), first=i == 0)
+                _add_weight_grad(grad_w, gs[rows], cast(a.detach()), i == 0, ctx.plan if onednn_weight_grad else None)
         grad_b = gs.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         if ctx.tied is not None:  # handed to the word embedding's backward, which returns it with its own rows
             ctx.tied.grad, grad_w = grad_w, None
-        return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None, None
+        return None if grad_h is None else grad_h.view_as(h), grad_w, grad_b, None, None, None
 
 
-def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, first: bool):
+def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, first: bool, onednn_plan):
     """grad_w [out, in] += g^T @ a (g [n, out], a [n, in]; where first, grad_w = g^T @ a, its old contents
     unread: no zeroed gradient the size of the weight), output features a chunk at a time: the product in
-    autocast's dtype is never whole beside the fp32 gradient (77 + 154 MB for the vocabulary decoder)."""
+    autocast's dtype is never whole beside the fp32 gradient (77 + 154 MB for the vocabulary decoder). With
+    onednn_plan (a plan, in fp32) through oneDNN; else (bf16 on CPU too) through torch.matmul, which runs oneDNN
+    there and was faster."""
     for chunk, out in zip(g.split(GRAD_CHUNK, dim=1), grad_w.split(GRAD_CHUNK)):
-        # fp32 through oneDNN (matmul_t); bf16 through torch.matmul, which runs oneDNN too and was faster here
-        product = matmul_t(chunk.t(), a.t()) if a.dtype == torch.float32 else chunk.t() @ a  # [out chunk, in]
+        product = chunk.t() @ a if onednn_plan is None else matmul_t(chunk.t(), a.t(), None, onednn_plan)
         if first:
             out.copy_(product)
         else:
@@ -127,15 +121,16 @@ def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, fir
 GRAD_CHUNK = 4096  # output features per chunk of the weight gradient
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act=None, tied=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan, act=None,
+           tied=None) -> torch.Tensor:
     """F.linear(act(x), weight, bias); in training through ActLinear where it saves memory (with an activation,
     or under autocast, or with tied: a kernels.tied.TiedGradient, which then receives the weight's gradient) or
-    time (on CPU, where its products go through matmul_t). torch.compile and export see the plain expression
-    (compile recomputes by itself)."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    time (the onednn plans, whose products go through matmul_t). The traced plans see the plain expression
+    (torch.compile recomputes by itself)."""
+    if plan.linear == "traced":
         return F.linear(x if act is None else act(x), weight, bias)
-    if not torch.is_grad_enabled():
-        return matmul_t(x if act is None else act(x), weight, bias)
-    if act is None and tied is None and not torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu":
+    if not plan.grad:
+        return matmul_t(x if act is None else act(x), weight, bias, plan)
+    if act is None and tied is None and plan.autocast is None and plan.linear == "torch":
         return F.linear(x, weight, bias)
-    return ActLinear.apply(x, weight, bias, act, tied)
+    return ActLinear.apply(x, weight, bias, act, tied, plan)

@@ -1,17 +1,16 @@
-"""Band attention on CPU in eager mode: key windows as overlapping views of k and v.
+"""The band on CPU in eager mode (the cpu-inference and cpu-training plans): key windows as overlapping views.
 
-Query block c (positions c*n .. c*n + n - 1, n = BLOCKS[kernel]) sees keys c*n - w .. c*n + n - 1 + w: 2w + n
-keys that lie next to each other in k. With w zeros before k, block c's window starts at row c*n, so all the
-windows are one as_strided view [nc, 2w + n, *] of the padded k. Blocks of w queries against three copied
-key blocks (banded.key_windows) score 3w keys for the 2w + 1 each query may see; blocks of 64 score 2w + 64.
-Two kernels read the views (measured, one layer of longformer-base at 4,096 tokens on a 2-core EPYC):
+Query block c (positions c*n .. c*n + n - 1, n = plan.block) sees keys c*n - w .. c*n + n - 1 + w: 2w + n keys that
+lie next to each other in k. With w zeros before k, block c's window starts at row c*n, so all the windows are one
+as_strided view [nc, 2w + n, *] of the padded k. Blocks of w queries against three copied key blocks
+(kernels/banded.py) score 3w keys for the 2w + 1 each query may see; blocks of 64 score 2w + 64. Two kernels read
+the views, with banded.band_mask's masks (their block sizes, measured, are in longformer/plan.py):
 
-- "flash", fp32 without autograd or dropout: CPU's fused flash kernel (blocks of 32), the inner blocks'
-  windows views of k and v themselves, the end blocks' views of padded copies of their rows. The
-  global keys cannot be part of the view; they are attended apart and merged through the log-sum-exp of
-  each part, which the flash kernel returns (the public SDPA does not):
-  out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
-- "explicit", everything else (training, dropout, bf16): ExplicitBand (blocks of 64), matmuls for every head
+- flash_band, fp32 without autograd or attention dropout: CPU's fused flash kernel (blocks of 32), the inner
+  blocks' windows views of k and v themselves, the end blocks' views of padded copies of their rows. The global
+  keys cannot be part of the view; they are attended apart and merged through the log-sum-exp of each part,
+  which the flash kernel returns (the public SDPA does not): out = e^(lse_w - lse) out_w + sum_g e^(s_g - lse) v_g.
+- explicit_band, everything else (training, dropout, bf16): ExplicitBand (blocks of 64), matmuls for every head
   over groups of blocks whose scores stay in cache, the scores key-major [blocks, H, 2w + n + G, n]: the window
   is the first, untransposed operand of the first matmul and the right operand of the second. Each group's
   windows are copied into two reused buffers, with the G global keys (and values) in rows after them, so
@@ -21,42 +20,11 @@ Two kernels read the views (measured, one layer of longformer-base at 4,096 toke
 import math
 
 import torch
-from torch.nn.attention import SDPBackend
 
+from .banded import pad, pad_blocks
 from .dropout import draw_keep, factor, pack_keep, unpack_keep
 
-# Queries per block, per kernel, and the explicit kernel's groups of blocks: their scores take about GROUP_BYTES
-# and stay in cache. Measured with benchmarks/band_kernels.py, one layer's band of longformer-base at 4,096
-# tokens on a 2-core EPYC, ms: flash (fp32, no autograd) 61-66 for blocks of 32, 59-62 for 64, 66-77 for 128;
-# explicit in training with dropout, blocks of 64 / 128 in groups of 2 MB: bf16 133 / 136 (4 MB: 139 / 141; the
-# blocks of w = 256 that training ran before: 197-202), fp32 249 / 257 (4 MB: 284 / 266; before: 330-354);
-# its bf16 forward 24 / 25 (before: 28-31). Those were a head at a time; every head at once (now), in one later
-# run against a head at a time: bf16 154 against 170, fp32 272 against 284; the demo model's step (4 heads,
-# w = 32, 16 x 256 tokens) 215 against 238 ms, the blocks of w 210.
-BLOCKS = {"flash": 32, "explicit": 64}
-GROUP_BYTES = 2 << 20
-
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def band_kernel(q: torch.Tensor, dropout_p: float, sdpa_backends: tuple | None) -> str | None:
-    """Which kernel of this file runs the band: "flash" (CPU, fp32, no dropout, no autograd, the fused kernel
-    first in sdpa_backends), "explicit" (the rest on CPU), or None (not on CPU, in torch.compile or export,
-    or attention_backend "chunked", whose sdpa_backends is None: banded.sliding_window_attention runs)."""
-    if (q.device.type != "cpu" or sdpa_backends is None
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-        return None
-    flash = (q.dtype == torch.float32 and not dropout_p and not (torch.is_grad_enabled() and q.requires_grad)
-             and _flash_with_lse is not None and sdpa_backends[0] == SDPBackend.FLASH_ATTENTION)
-    return "flash" if flash else "explicit"
-
-
-def _padded(x: torch.Tensor, before: int, rows: int) -> torch.Tensor:
-    """x [B, L, *rest] -> [B, rows, *rest]: `before` zeros, x, zeros up to rows (x itself where that is x)."""
-    if before == 0 and rows == x.shape[1]:
-        return x
-    zeros = lambda n: x.new_zeros(x.shape[0], n, *x.shape[2:])  # noqa: E731
-    return torch.cat([zeros(before), x, zeros(rows - before - x.shape[1])], dim=1)
 
 
 def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor:
@@ -65,54 +33,14 @@ def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor
     return xp.as_strided((nc, length, *xp.shape[1:]), (block * step, step, *xp.stride()[1:]), xp.storage_offset())
 
 
-def band_mask(keep: torch.Tensor, local_keys: torch.Tensor, w: int, dtype: torch.dtype, kernel: str,
-              segments: torch.Tensor | None = None, global_allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask for strided_band_attention's kernel ("flash" or "explicit", from band_kernel) in dtype
-    (keep, local_keys, segments as for banded.window_mask). Query a of a block sees slots a .. a + 2w
-    (|query - key| <= w); a query that is not a real token sees itself (slot a + w), so that no row is empty.
-    With n = BLOCKS[kernel] queries a block and S = 2w + n: flash [B, nc, 1, n, S]; explicit key-major
-    [B, nc, S + G, n], rows S .. S + G - 1 the global keys, which global_allowed [B, L, G] (bool, or None for
-    G = 0) says each query sees."""
-    B, L = keep.shape
-    n = BLOCKS[kernel]
-    nc, S = -(-L // n), 2 * w + n
-    windows = lambda x: torch.stack([_windows(r, nc, n, S) for r in _padded(x, w, nc * n + 2 * w)])  # noqa: E731
-    a = torch.arange(n, device=keep.device)[:, None]
-    b = torch.arange(S, device=keep.device)[None, :]
-    band = (b >= a) & (b <= a + 2 * w)  # [n, S]
-    allowed = band & windows(local_keys)[:, :, None, :]  # [B, nc, n, S]
-    if segments is not None:
-        allowed &= _padded(segments, 0, nc * n).view(B, nc, n, 1) == windows(segments)[:, :, None]
-    not_real = ~_padded(keep, 0, nc * n).view(B, nc, n, 1)
-    allowed |= not_real & (b == a + w)
-    if kernel == "flash":
-        return _additive(allowed, dtype).unsqueeze(2)
-    if global_allowed is not None:
-        allowed = torch.cat([allowed, _padded(global_allowed, 0, nc * n).view(B, nc, n, -1)], dim=-1)
-    return _additive(allowed.transpose(-1, -2), dtype)
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where allowed, the dtype's most negative finite value elsewhere (contiguous)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def strided_band_attention(kernel: str, q, k, v, w: int, mask, k_global=None, v_global=None, global_allowed=None,
-                           dropout_p: float = 0.0, project=None):
-    """q, k, v [B, L, H, D]; kernel from band_kernel and mask from band_mask for it; k_global, v_global
-    [B, G, H, D] and global_allowed [B, L, G] bool (which global keys each query sees; the flash kernel's), or
-    None. project: None, or a function returning q, k and v again, which the explicit kernel then calls in
-    backward instead of keeping them. Returns [B, L, H, D]."""
-    if kernel == "flash":
-        return _flash_band(q, k, v, w, mask, k_global, v_global, global_allowed)
-    return ExplicitBand.apply(q, k, v, k_global, v_global, mask, w, dropout_p, project)
-
-
-def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
+def flash_band(q, k, v, w: int, masks, glob, dropout_p: float, plan, project=None):
+    """q, k, v [B, L, H, D]; masks: AttentionMasks; glob: the global keys and values [B, G, H, D], or None; no
+    dropout (dropout_p and project are the other bands'). Returns [B, L, H, D]."""
     B, L, H, D = q.shape
-    nc, n = mask.shape[1], mask.shape[3]
-    qp = _padded(q, 0, nc * n)
+    n = plan.block
+    mask = masks.band_mask(w, n, q.dtype, global_keys=False)[:, :, None]  # [B, nc, 1, n, 2w + n]
+    nc = mask.shape[1]
+    qp = pad_blocks(q, n)
     out, lse = q.new_empty(B, nc * n, H, D), q.new_empty(B, H, nc * n)
     # Blocks lo .. hi - 1 have windows inside the sequence: views of k and v themselves. Only the blocks at either
     # end, whose windows reach past it, read a padded copy of the rows they need (not of all of k and v: 2 x 12 MB
@@ -124,18 +52,19 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
             if c0 == c1:
                 continue
             first, end = c0 * n - w, c1 * n + w  # the rows of k and v these windows read
-            rows = (_padded(x[b:b + 1, max(first, 0):min(end, L)], max(-first, 0), end - first)[0] for x in (k, v))
+            rows = (pad(x[b:b + 1, max(first, 0):min(end, L)], max(-first, 0), end - first)[0] for x in (k, v))
             kw, vw = (_windows(r, c1 - c0, n, 2 * w + n).transpose(1, 2) for r in rows)  # [blocks, H, S, D]
             o, s = _flash_with_lse(qp[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).transpose(1, 2), kw, vw, 0.0, False,
                                    attn_mask=mask[b, c0:c1])
             out[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).copy_(o.transpose(1, 2))  # o [blocks, H, n, D]
             lse[b, :, c0 * n:c1 * n].view(H, c1 - c0, n).copy_(s.transpose(0, 1))  # s [blocks, H, n]
     out = out[:, :L]
-    if k_global is None:
+    if glob is None:
         return out
+    k_global, v_global = glob
     lse = lse[..., :L]  # [B, H, L]
     scores = torch.matmul(q.transpose(1, 2), k_global.permute(0, 2, 3, 1)).mul_(1.0 / math.sqrt(D))  # [B, H, L, G]
-    scores.masked_fill_(~global_allowed[:, None], torch.finfo(scores.dtype).min)
+    scores.masked_fill_(~masks.global_allowed()[:, None], torch.finfo(scores.dtype).min)
     total = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))  # [B, H, L]
     probs = torch.exp(scores - total[..., None])
     out.mul_(torch.exp(lse - total).transpose(1, 2)[..., None])
@@ -143,6 +72,14 @@ def _flash_band(q, k, v, w: int, mask, k_global, v_global, global_allowed):
         out[b].transpose(0, 1).baddbmm_(probs[b], v_global[b].transpose(0, 1))
     return out
 
+
+def explicit_band(q, k, v, w: int, masks, glob, dropout_p: float, plan, project=None):
+    """q, k, v [B, L, H, D]; masks: AttentionMasks; glob: the global keys and values [B, G, H, D], or None.
+    project: None, or a function returning q, k and v again, which the kernel then calls in backward instead of
+    keeping them. Returns [B, L, H, D]."""
+    mask = masks.band_mask(w, plan.block, q.dtype, key_major=True)  # [B, nc, 2w + n + G, n]
+    k_global, v_global = glob or (None, None)
+    return ExplicitBand.apply(q, k, v, k_global, v_global, mask, w, dropout_p, plan.group_bytes, project)
 
 
 class ExplicitBand(torch.autograd.Function):
@@ -153,13 +90,13 @@ class ExplicitBand(torch.autograd.Function):
     time into an fp32 sum."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float, project=None):
+    def forward(ctx, q, k, v, k_global, v_global, mask, w: int, dropout_p: float, group_bytes: int, project=None):
         B, L, H, D = q.shape
         nc, n = mask.shape[1], mask.shape[3]
         qb, kh, vh, kgh, vgh = _operands(q, k, v, k_global, v_global, w, nc, n)
         out = torch.empty_like(qb)  # [B, nc, H, n, D]
         decisions = []  # per group, packed as bits
-        for b, blocks, kc, vc in _groups(kh, vh, kgh, vgh, w, nc, n):
+        for b, blocks, kc, vc in _groups(kh, vh, kgh, vgh, w, nc, n, group_bytes):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])
             if dropout_p:
                 keep = draw_keep(probs.shape, dropout_p, q.device)
@@ -177,7 +114,7 @@ class ExplicitBand(torch.autograd.Function):
         # longformer-base.
         ctx.project, kept = project, () if project else (q, k, v)
         ctx.save_for_backward(k_global, v_global, mask, torch.cat(decisions) if decisions else None, *kept)
-        ctx.w, ctx.dropout_p = w, dropout_p
+        ctx.w, ctx.dropout_p, ctx.group_bytes = w, dropout_p, group_bytes
         return _tokens(out, 0, L)
 
     @staticmethod
@@ -201,7 +138,7 @@ class ExplicitBand(torch.autograd.Function):
         # sums at the end, in place, before the cast to q's dtype.
         scale_q, scale_kv = 1.0 / math.sqrt(D) / (1.0 - p), 1.0 / (1.0 - p)
         flat = lambda x: x.flatten(0, 1)  # noqa: E731  [m, H, *] -> [m * H, *]
-        for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n)):
+        for i, (b, blocks, kc, vc) in enumerate(_groups(kh, vh, kgh, vgh, w, nc, n, ctx.group_bytes)):
             probs = _probs(qb[b, blocks], kc, mask[b, blocks])  # [m, H, S + G, n]
             kept = factor(unpack_keep(decisions[i], probs.shape), probs.dtype) if p else None
             g = flat(go[b, blocks])  # [m * H, n, D]
@@ -217,7 +154,7 @@ class ExplicitBand(torch.autograd.Function):
         glob = lambda g, scale: None if g is None else g.mul_(scale).to(q.dtype).transpose(1, 2)  # noqa: E731
         # k's and v's past the w zeros before k
         return (_tokens(grad_q, 0, L), _tokens(grad_k, w, L, scale_kv, q.dtype), _tokens(grad_v, w, L, scale_kv, q.dtype),
-                glob(grad_kg, scale_kv), glob(grad_vg, scale_kv), None, None, None, None)
+                glob(grad_kg, scale_kv), glob(grad_vg, scale_kv), None, None, None, None, None)
 
 
 def _operands(q, k, v, k_global, v_global, w: int, nc: int, n: int):
@@ -242,7 +179,7 @@ def _block_major(x, nc: int, n: int, scale: float = 1.0):
     """x [B, L, H, D] -> x * scale [B, nc, H, n, D] contiguous, zeros after x."""
     B, L, H, D = x.shape
     out = x.new_empty(B, nc, H, n, D)
-    return torch.mul(_padded(x, 0, nc * n).view(B, nc, n, H, D).transpose(2, 3), scale, out=out)
+    return torch.mul(pad_blocks(x, n).view(B, nc, n, H, D).transpose(2, 3), scale, out=out)
 
 
 def _tokens(x, first: int, L: int, scale: float = 1.0, dtype: torch.dtype | None = None):
@@ -256,13 +193,13 @@ def _tokens(x, first: int, L: int, scale: float = 1.0, dtype: torch.dtype | None
     return out.copy_(x.transpose(2, 3)).view(B, nb * n, H, D)[:, first:first + L]
 
 
-def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int):
+def _groups(kh, vh, kgh, vgh, w: int, nc: int, n: int, group_bytes: int):
     """(example, blocks, keys, values) for groups of blocks (a slice) whose scores, every head's, take about
-    GROUP_BYTES; keys and values [m, H, S + G, D] hold each block's window, then the G global keys (values), in
+    group_bytes; keys and values [m, H, S + G, D] hold each block's window, then the G global keys (values), in
     two buffers that every group reuses."""
     B, H, _, D = kh.shape
     G, S = 0 if kgh is None else kgh.shape[2], 2 * w + n
-    per_group = max(1, min(nc, GROUP_BYTES // (H * (S + G) * n * kh.element_size())))
+    per_group = max(1, min(nc, group_bytes // (H * (S + G) * n * kh.element_size())))
     buffers = [x.new_empty(per_group, H, S + G, D) for x in (kh, vh)]
     for b in range(B):
         windows = [_windows(x[b].transpose(0, 1), nc, n, S).transpose(1, 2) for x in (kh, vh)]  # [nc, H, S, D]
