@@ -75,8 +75,9 @@ def matmul_speeds(device, dtype):
     w = torch.randn(3072, 768, device=device, dtype=DTYPES[dtype])
     out = torch.empty(rows, 3072, device=device, dtype=DTYPES[dtype])
     ways = {"torch.matmul": lambda: torch.matmul(a, w.t(), out=out)}
-    from longformer.kernels.linear import ONEDNN_DTYPES
-    if device == "cpu" and DTYPES[dtype] in ONEDNN_DTYPES:
+    onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and (
+        dtype == "fp32" or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device == "cpu" and onednn:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
         ways["onednn linear"] = lambda: [torch.ops.mkldnn._linear_pointwise(a[i:i + 1024], packed, None, "none", [], "")
                                          for i in range(0, rows, 1024)]
@@ -100,6 +101,7 @@ def sync(device):
 
 
 def build(impl, L, mode, config, device):
+    impl = impl.partition("@")[0]  # ours@TREE: ours, imported from TREE (run_worker's PYTHONPATH)
     with torch.device(device):  # initialised where it runs: seconds saved per model on a GPU
         if impl == "hf":
             import transformers
@@ -113,11 +115,13 @@ def build(impl, L, mode, config, device):
         checkpointing = {"ours+ckpt": True, "ours+sel": "selective"}.get(impl, False)
         extra = {"attention_probs_dropout_prob": 0.0} if impl == "ours+attn0" else {}
         # max_global_tokens: global slots fixed at compile time, so that the count is never read back
-        cfg = longformer.LongformerConfig(**{**config, **extra}, max_position_embeddings=L + 2,
-                                          gradient_checkpointing=checkpointing,
-                                          max_global_tokens=1 if impl == "ours+compile" else None)
+        cfg = longformer.LongformerConfig(**{**config, **extra}, max_position_embeddings=L + 2)
         model = (longformer.LongformerForMaskedLM(cfg) if mode == "train"
                  else longformer.LongformerModel(cfg, add_pooling_layer=False))
+        if checkpointing:
+            model.gradient_checkpointing_enable(checkpointing)
+        if impl == "ours+compile":
+            model.settings.max_global_tokens = 1
         if impl == "ours+compile":
             torch._dynamo.reset()  # a fresh compile for each configuration: no recompilation for dynamic shapes
             model.compile()
@@ -229,11 +233,23 @@ def alternating_worker(spec):
 KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
+def worker_env(impl: str, keep_heap: bool) -> dict:
+    """A worker's environment: KEEP_HEAP's allocator settings where keep_heap; for "NAME@TREE", longformer imported
+    from the checkout TREE (another commit's worktree: its speed and this one's in one run)."""
+    env = {**os.environ, **(KEEP_HEAP if keep_heap else {})}
+    tree = impl.partition("@")[2]
+    if tree:
+        if not os.path.isdir(os.path.join(tree, "longformer")):
+            raise SystemExit(f"{impl}: {tree} holds no longformer/ package (make one: git worktree add {tree} REV)")
+        env["PYTHONPATH"] = os.path.abspath(tree)
+    return env
+
+
 def run_worker(impl, configs, repeats, device, config, keep_heap=False):
     """Results of configs [(L, batch, dtype, mode), ...] for impl, from a worker process (with KEEP_HEAP's
     allocator settings where keep_heap)."""
     spec = dict(impl=impl, configs=configs, repeats=repeats, device=device, config=config)
-    env = {**os.environ, **KEEP_HEAP} if keep_heap else None
+    env = worker_env(impl, keep_heap)
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env=env)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -253,10 +269,10 @@ def run_alternating(impls, config_row, repeats, config, keep_heap=False):
     each, alive together (each warmed up in turn), each taking one step in turn, repeats rounds, the order
     rotating from round to round. The machine's speed drifts by 10-15% over minutes; this way the drift falls
     on every implementation alike."""
-    env = {**os.environ, **KEEP_HEAP} if keep_heap else None
     workers, results = {}, {}
     for impl in impls:
         spec = dict(impl=impl, configs=[config_row], repeats=repeats, device="cpu", config=config, alternate=True)
+        env = worker_env(impl, keep_heap)
         log = tempfile.TemporaryFile("w+")  # stderr, read only if the worker fails (a pipe left unread could fill)
         proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -328,7 +344,7 @@ def environment(device, dtypes):
     if device == "cuda":
         meta.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), driver=driver_version())
-    from longformer.kernels.sdpa import BACKEND_NAMES, choose_backends
+    from longformer.plan import BACKEND_NAMES, choose_backends
     name = {backend: n for n, backend in BACKEND_NAMES.items()}
     meta["sdpa_backends"] = ",".join(name[b] for b in choose_backends(device))
     speeds = {d: matmul_speeds(device, d) for d in dtypes}
@@ -338,7 +354,14 @@ def environment(device, dtypes):
     return meta
 
 
+IMPLS = ("hf", "ours", "ours+ckpt", "ours+sel", "ours+attn0", "ours+compile")
 TRAIN_ONLY = ("ours+ckpt", "ours+sel", "ours+attn0")
+
+
+def implementation(name: str) -> str:
+    if name.partition("@")[0] not in IMPLS:
+        raise argparse.ArgumentTypeError(f"{name!r}: choose from {', '.join(IMPLS)}, each optionally @TREE")
+    return name
 
 
 def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_train=None, keep_heap=False,
@@ -355,7 +378,7 @@ def run_benchmark(device, configs, impls, repeats, out, config=BASE, hf_max_trai
     jobs = {}  # impl -> the configurations it runs
     for L, batch, dtype, mode in configs:
         for impl in impls:
-            skip = (impl in TRAIN_ONLY and mode != "train") or \
+            skip = (impl.partition("@")[0] in TRAIN_ONLY and mode != "train") or \
                 (impl == "hf" and mode == "train" and hf_max_train and L > hf_max_train)
             if not skip:
                 jobs.setdefault(impl, []).append((L, batch, dtype, mode))
@@ -408,11 +431,12 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--modes", nargs="+", default=["forward", "train"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"],
-                   choices=["hf", "ours", "ours+ckpt", "ours+sel", "ours+attn0", "ours+compile"],
-                   help="training steps only: ours+ckpt / ours+sel (full / selective gradient checkpointing), "
-                        "ours+attn0 (attention dropout 0, for the cost of dropout); ours+compile is "
-                        "torch.compile'd (its first step, left out of the median, compiles)")
+    p.add_argument("--impls", nargs="+", default=["hf", "ours", "ours+ckpt"], type=implementation,
+                   help=f"of {', '.join(IMPLS)}. Training steps only: ours+ckpt / ours+sel (full / selective "
+                        "gradient checkpointing), ours+attn0 (attention dropout 0, for the cost of dropout); "
+                        "ours+compile is torch.compile'd (its first step, left out of the median, compiles). "
+                        "NAME@TREE: NAME imported from the checkout TREE, e.g. ours@../before from "
+                        "`git worktree add ../before REV`: two commits in one run")
     p.add_argument("--hf-max-train-length", type=int, default=None,
                    help="skip HF training above this length (CPU default 4096: HF needs ~4x its 4096 memory)")
     p.add_argument("--flagperf", action="store_true", help="add FlagPerf's setting: batch 16 x 1024 tokens, fp32")

@@ -4,7 +4,7 @@ import torch
 
 import longformer
 from device import DEVICE, on_device
-from test_attention import forward_backward, make_batch, tiny
+from test_attention import build, forward_backward, make_batch, tiny
 
 
 def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
@@ -20,7 +20,7 @@ def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
     gm[0, [0, 7]] = 1  # with global tokens: one break, where their count is read
     torch.testing.assert_close(compiled(ids, global_attention_mask=gm).logits,
                                model(ids, global_attention_mask=gm).logits, atol=1e-5, rtol=0)
-    model.config.max_global_tokens = 2  # a static count of global slots: one graph with global tokens too
+    model.settings.max_global_tokens = 2  # a static count of global slots: one graph with global tokens too
     explained = torch._dynamo.explain(model)(ids, global_attention_mask=gm, labels=labels)
     assert explained.graph_break_count == 0, explained.break_reasons
 
@@ -29,8 +29,8 @@ def test_torch_compile_same_outputs_without_graph_breaks_for_mlm():
                     "does not trace (a break per layer); GPU kernels draw their own")
 @pytest.mark.parametrize("n_global", [0, 2])
 def test_encoder_in_training_compiles_without_graph_breaks(n_global):
-    config = tiny([4, 8], max_global_tokens=2, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)
-    model = longformer.LongformerModel(config).to(DEVICE).train()
+    config = tiny([4, 8], attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)
+    model = build(longformer.LongformerModel, config, max_global_tokens=2).to(DEVICE).train()
     ids, am, gm = make_batch(3, 21, seed=0, n_global=n_global)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(ids, attention_mask=am, global_attention_mask=gm if n_global else None)
@@ -41,7 +41,7 @@ def test_encoder_in_training_compiles_without_graph_breaks(n_global):
 def test_compiled_encoder_matches_eager(n_global):
     """Outputs and every gradient; aot_eager traces forward and backward as inductor gets them, in seconds."""
     torch.manual_seed(0)
-    model = longformer.LongformerModel(tiny([4, 8], max_global_tokens=2)).to(DEVICE)
+    model = build(longformer.LongformerModel, tiny([4, 8]), max_global_tokens=2).to(DEVICE)
     ids, am, gm = make_batch(3, 21, seed=1, n_global=n_global)
     expected, expected_grads = forward_backward(model, ids, am, gm)
     expected_grads = {n: None if g is None else g.clone() for n, g in expected_grads.items()}

@@ -58,15 +58,15 @@ def test_torch_export_equals_eager(slots):
 
 
 def test_static_global_slots_match_and_refuse_too_many():
-    """config.max_global_tokens (what a fixed-shape export uses) gives the outputs of the counted slots, and says
+    """settings.max_global_tokens (what a fixed-shape export uses) gives the outputs of the counted slots, and says
     when an example has more global tokens than slots."""
     model = tiny(longformer.LongformerModel)
     ids, am, gm = list(export.check_batches(model, 3))[-1]
     expected = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
-    model.config.max_global_tokens = 5
+    model.settings.max_global_tokens = 5
     torch.testing.assert_close(model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state, expected,
                                atol=1e-6, rtol=0)
-    model.config.max_global_tokens = 2
+    model.settings.max_global_tokens = 2
     with pytest.raises(ValueError, match="example 2 of the batch has 3 global tokens, more than the max_global_tokens=2"):
         model(ids, attention_mask=am, global_attention_mask=gm)
 

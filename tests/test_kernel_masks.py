@@ -1,6 +1,6 @@
 """Masks that the CUDA kernels take as they are: no query row without a key, key slots padded to a multiple
-of 8, q's dtype, no gradient; and the SDPA backend chosen on purpose. Checked on CPU, with an SDPA that
-fails the way CUDA's memory-efficient kernel does (NaN for a row whose keys are all masked)."""
+of 8, q's dtype, no gradient; and the SDPA backend chosen on purpose. Checked on CPU under the cuda plan, with an
+SDPA that fails the way CUDA's memory-efficient kernel does (NaN for a row whose keys are all masked)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,17 +8,27 @@ from torch.nn.attention import SDPBackend
 
 import longformer
 from device import DEVICE, on_device
+from longformer import plan as plans
 from longformer.attention import AttentionMasks
-from longformer.kernels import banded, choose_backends
+from longformer.kernels import banded
+from longformer.plan import choose_backends
 
 real_sdpa = F.scaled_dot_product_attention
 
 
-def tiny(windows, **kw):
+def tiny(windows):
     return longformer.LongformerConfig(vocab_size=50, hidden_size=24, num_hidden_layers=len(windows),
                                        num_attention_heads=3, intermediate_size=48, attention_window=windows,
                                        max_position_embeddings=200, attention_probs_dropout_prob=0.0,
-                                       hidden_dropout_prob=0.0, **kw)
+                                       hidden_dropout_prob=0.0)
+
+
+def cuda_program(cls, windows):
+    """A model running the cuda plan (the band in blocks of w through SDPA, torch's LayerNorm and dropout, ...),
+    on CPU too."""
+    model = cls(tiny(windows))
+    model.settings.plan = "cuda"
+    return model
 
 
 def mixed_batch(lengths, L, n_global, seed=0):
@@ -43,8 +53,10 @@ def test_every_window_mask_row_sees_a_key():
         masks = AttentionMasks(keep, is_global if case % 3 else None)
         for w in (1, 2, 3, 5, 8, 13):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                mask = masks.window_mask(w, dtype)
-                assert (mask == 0).any(-1).all(), (case, w, dtype)
+                # (the flash kernel's mask has no global slots: a row may see only those, merged apart)
+                for n, layout in ((w, dict(multiple=8)), (plans.EXPLICIT_BLOCK, dict(key_major=True))):
+                    mask = masks.band_mask(w, n, dtype, **layout)
+                    assert (mask == 0).any(-2 if layout.get("key_major") else -1).all(), (case, w, n, dtype)
                 assert torch.isfinite(mask).all()  # finfo.min, never -inf: no dtype cast turns it into -inf
 
 
@@ -55,19 +67,11 @@ def nan_for_empty_rows(q, k, v, attn_mask=None, **kw):
     return out.masked_fill(empty, float("nan"))
 
 
-@pytest.fixture
-def blocks_of_w(monkeypatch):
-    """The band through banded.sliding_window_attention's blocks and SDPA, as on CUDA, on CPU too (where
-    kernels/strided.py runs it in eager mode)."""
-    from longformer.attention import self_attention
-    monkeypatch.setattr(self_attention, "band_kernel", lambda *args: None)
-
-
 @pytest.mark.parametrize("n_global", [(0, 0, 0), (2, 1, 0)])
-def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monkeypatch, blocks_of_w, n_global):
+def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monkeypatch, n_global):
     """Lengths 41/6/1 with windows of 2 and 4: most padding queries are far from any real token."""
     torch.manual_seed(0)
-    model = longformer.LongformerModel(tiny([4, 8])).to(DEVICE)
+    model = cuda_program(longformer.LongformerModel, [4, 8]).to(DEVICE)
     ids, am, gm = mixed_batch([41, 6, 1], 41, n_global)
     attention_outputs = []
     for layer in model.layers:
@@ -88,7 +92,7 @@ def test_padded_batch_stays_finite_under_a_kernel_that_fails_on_empty_rows(monke
 
 @pytest.mark.parametrize("windows,n_global", [([2, 6], 1), ([2, 6], 3), ([10], 0), ([14, 4], 2)])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, blocks_of_w, windows, n_global, autocast):
+def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, windows, n_global, autocast):
     """3w + G is 7, 9, 19, 21, 30, 45 ... here: every call's key count is padded to a multiple of 8."""
     calls = []
     real_attend = banded.attend
@@ -98,7 +102,7 @@ def test_masks_reach_sdpa_as_the_kernels_want(monkeypatch, blocks_of_w, windows,
         return real_attend(q, k, v, mask, *args)
 
     monkeypatch.setattr(banded, "attend", spy)
-    model = longformer.LongformerForMaskedLM(tiny(windows)).to(DEVICE)
+    model = cuda_program(longformer.LongformerForMaskedLM, windows).to(DEVICE)
     ids, am, gm = mixed_batch([23, 17], 23, (n_global, n_global))
     with torch.autocast(DEVICE.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         model(ids, attention_mask=am, global_attention_mask=gm).logits.float().sum().backward()
@@ -121,10 +125,10 @@ def test_sdpa_backends_are_chosen_per_device_and_overridable(monkeypatch):
     with pytest.raises(ValueError, match="'fastest'.*flash, efficient, cudnn, math"):
         choose_backends("cuda")
     with pytest.raises(ValueError, match="SDPA backends 'flash,turbo'"):
-        tiny([4], sdpa_backends="flash,turbo")
+        longformer.LongformerModel(tiny([4])).settings.sdpa_backends = "flash,turbo"
 
 
-def test_the_configured_backend_is_the_one_enabled_at_the_call(monkeypatch, blocks_of_w):
+def test_the_configured_backend_is_the_one_enabled_at_the_call(monkeypatch):
     """sdpa_backends='math' really restricts the call (and changes no number beyond rounding)."""
     seen = []
 
@@ -134,10 +138,11 @@ def test_the_configured_backend_is_the_one_enabled_at_the_call(monkeypatch, bloc
 
     torch.manual_seed(0)
     model = longformer.LongformerModel(tiny([4, 6])).to(DEVICE).eval()
+    model.settings.attention_backend = "sdpa"  # the band in blocks through SDPA, on CPU too
     ids, am, gm = mixed_batch([19, 11], 19, (1, 0))
     default = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    model.config.sdpa_backends = "math"
+    model.settings.sdpa_backends = "math"
     math_only = model(ids, attention_mask=am, global_attention_mask=gm).last_hidden_state
     assert seen == [(False, True)] * 2
     torch.testing.assert_close(math_only, default, atol=1e-5, rtol=0)

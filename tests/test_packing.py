@@ -12,9 +12,10 @@ def small_model(backend, max_global_tokens=None):
     torch.manual_seed(0)
     config = longformer.LongformerConfig(
         vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        attention_window=[4, 8, 6], max_position_embeddings=80, type_vocab_size=1, pad_token_id=PAD,
-        attention_backend=backend, max_global_tokens=max_global_tokens)
-    return on_device(longformer.LongformerModel(config).eval())
+        attention_window=[4, 8, 6], max_position_embeddings=80, type_vocab_size=1, pad_token_id=PAD)
+    model = longformer.LongformerModel(config).eval()
+    model.settings.attention_backend, model.settings.max_global_tokens = backend, max_global_tokens
+    return on_device(model)
 
 
 def documents(seed=3):
@@ -52,7 +53,7 @@ ROWS, L = [[0, 1, 2], [3, 4, 5], [5, 2]], 40
 
 
 @pytest.mark.parametrize("max_global_tokens", [None, 6])
-@pytest.mark.parametrize("backend", ["dense", "chunked", "sdpa"])
+@pytest.mark.parametrize("backend", ["dense", "chunked", "sdpa", "auto"])
 def test_packed_documents_equal_documents_alone(backend, max_global_tokens):
     docs = documents()
     model = small_model(backend, max_global_tokens)
