@@ -1,25 +1,36 @@
 """This project against HF transformers, same machine, same run: forward and masked-LM training step.
 
-    python benchmarks/bench.py                      # CPU: 1024/4096/16384 tokens, fp32 and bf16
-    python benchmarks/bench.py --device cuda --dtypes tf32 bf16   # the same table on a GPU
-    python benchmarks/bench.py --flagperf           # + FlagPerf's setting: batch 16 x 1024, fp32 training
-    python benchmarks/bench.py --keep-heap          # every worker with glibc's heap never trimmed (CPU)
-    python benchmarks/bench.py --alternate          # CPU: the implementations' steps in turn, HF, ours, HF, ...
+The tables of docs/benchmarks.md, each made by one command (its results file, and a plot beside it):
+
+    python benchmarks/bench.py --out benchmarks/results-cpu-MODEL.json
+        CPU (MODEL: the CPU's, e.g. epyc): forward and training step at 1,024 / 4,096 / 16,384 tokens, fp32 and
+        bf16, HF against ours and ours with gradient checkpointing (HF's training skipped above 4,096 tokens:
+        ~4x our memory). About 40 minutes on 2 cores of an AMD EPYC.
+    python benchmarks/bench.py --lengths 4096 --impls ours ours+gpu-plan ours+blocks ours+attn0
+                               --out benchmarks/results-cpu-MODEL-kernels.json
+        "What makes it fast" on CPU: our CPU plan against the GPU plan run on CPU (none of the CPU kernels), the
+        band in blocks of w through SDPA, and no attention dropout.
+    PYTHONPATH=. python benchmarks/bench.py --device cuda --dtypes tf32 bf16 --impls hf ours ours+compile
+                                            --out benchmarks/results-h100.json
+        GPU: the same table on a GPU; benchmarks/gpu_check.py runs it with the CUDA test suite.
+    python benchmarks/bench.py --table benchmarks/results-cpu-MODEL.json
+        prints a results file's rows as docs/benchmarks.md shows them (tests/test_benchmarks_page.py checks the
+        page against its files).
+
+Options: --lengths, --dtypes, --modes, --batches, --impls choose the rows; --flagperf adds FlagPerf's setting
+(batch 16 x 1,024 tokens, fp32 training); --keep-heap runs every worker with glibc's heap never trimmed.
 
 Base config (12 layers, 768 wide, window 512), batch 1 (or --batches), global attention on the first token;
 forward is the encoder (LongformerModel), a training step is LongformerForMaskedLM's forward + backward with
 15% of the tokens predicted (ours computes the vocabulary logits only there, HF everywhere). dtypes: fp32,
 tf32 (fp32 with TensorFloat-32 matmuls, CUDA), bf16 and fp16 (autocast). On CPU each (implementation,
 length, batch, dtype, mode) runs in a fresh worker process, so that its peak RSS is its own; on CUDA one
-worker per implementation runs them all, resetting the peak-allocated counter for each. HF runs first, ours
-right after; with --alternate (CPU) every implementation's worker of a configuration stays alive and they take
-one step each in turn, the order rotating each round, so that the machine's drift over minutes (10-15% on a
-shared VM) falls on all alike (but a process stepping after the others ran slower for a round or two, HF's for
-longer: see docs/benchmarks.md).
-Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs
-(model_flops) per second over the matmul speed (matmul_speed) that the worker measured just before its steps
-(with --alternate, before each step: the median of the steps' fractions); the speed measured at the start of
-the run is in the JSON's meta. Writes a JSON file of all rows and prints a table.
+worker per implementation runs them all, resetting the peak-allocated counter for each. With --alternate (CPU)
+every implementation's worker of a configuration stays alive and they take one step each in turn, the order
+rotating each round, so that the machine's drift over minutes (10-15% on a shared VM) falls on all alike.
+Timings are medians of --repeats runs after one warm-up. MFU is the useful model FLOPs (model_flops) per second
+over the matmul speed (matmul_speed) that the worker measured just before its steps (with --alternate, before
+each step: the median of the steps' fractions). The JSON's meta records the machine, the versions and the commit.
 """
 import argparse
 import json
@@ -111,7 +122,8 @@ def build(impl, L, mode, config, device):
                     else transformers.LongformerModel(cfg, add_pooling_layer=False))
         import longformer
         # "ours"; "ours+ckpt" / "ours+sel": full / selective checkpointing; "ours+attn0": no attention dropout;
-        # "ours+compile": torch.compile'd
+        # "ours+compile": torch.compile'd; "ours+gpu-plan": the cuda plan (on CPU: none of the CPU kernels);
+        # "ours+blocks": the band in blocks of w through SDPA
         checkpointing = {"ours+ckpt": True, "ours+sel": "selective"}.get(impl, False)
         extra = {"attention_probs_dropout_prob": 0.0} if impl == "ours+attn0" else {}
         # max_global_tokens: global slots fixed at compile time, so that the count is never read back
@@ -122,6 +134,10 @@ def build(impl, L, mode, config, device):
             model.gradient_checkpointing_enable(checkpointing)
         if impl == "ours+compile":
             model.settings.max_global_tokens = 1
+        if impl == "ours+gpu-plan":
+            model.settings.plan = "cuda"
+        if impl == "ours+blocks":
+            model.settings.attention_backend = "sdpa"
         if impl == "ours+compile":
             torch._dynamo.reset()  # a fresh compile for each configuration: no recompilation for dynamic shapes
             model.compile()
@@ -331,6 +347,17 @@ def driver_version() -> str | None:
     return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
 
 
+def commit() -> str | None:
+    """The checkout's commit, with "+changes" where longformer/ or benchmarks/ differ from it (None outside git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "longformer", "benchmarks/bench.py"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def environment(device, dtypes):
     """What the numbers were measured on, and the measured matmul speed per dtype (TFLOP/s)."""
     import transformers
@@ -339,6 +366,8 @@ def environment(device, dtypes):
         cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                           if line.startswith("model name")), None)
     meta = {"device": device, "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model,
+            "amx": os.path.exists("/proc/cpuinfo") and "amx_bf16" in open("/proc/cpuinfo").read(),
+            "commit": commit(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
             "gpu": None}
     if device == "cuda":
@@ -354,7 +383,7 @@ def environment(device, dtypes):
     return meta
 
 
-IMPLS = ("hf", "ours", "ours+ckpt", "ours+sel", "ours+attn0", "ours+compile")
+IMPLS = ("hf", "ours", "ours+ckpt", "ours+sel", "ours+attn0", "ours+compile", "ours+gpu-plan", "ours+blocks")
 TRAIN_ONLY = ("ours+ckpt", "ours+sel", "ours+attn0")
 
 
@@ -448,12 +477,16 @@ def main():
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--plot", metavar="RESULTS_JSON", nargs="+",
                    help="only draw these results files' rows, together, to a PNG beside the first")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="only print a results file as docs/benchmarks.md's table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     if args.plot:
         return print(f"wrote {plot(*args.plot) or 'nothing: no rows of batch 1'}")
+    if args.table:
+        with open(args.table) as f:
+            return print("\n".join(markdown_table(json.load(f))))
     configs = [(L, b, d, m) for m in args.modes for d in args.dtypes for b in args.batches for L in args.lengths]
     if args.flagperf:
         configs.append((1024, 16, "tf32" if args.device == "cuda" else "fp32", "train"))
@@ -485,6 +518,32 @@ def table_line(row, name):
             + (f"   HF: {hf['error']}" if "error" in hf else "") + (f"   ours: {ours['error']}" if "error" in ours else ""))
 
 
+def markdown_table(results: dict) -> list[str]:
+    """A results file's rows as docs/benchmarks.md shows them: one line per (row, variant of ours), against HF where
+    HF ran; times in s, memory in GB, MFU in %."""
+    impls = list(dict.fromkeys(k for r in results["rows"] for k, v in r.items() if isinstance(v, dict) and k != "hf"))
+    lines = ["| step | dtype | batch × tokens | variant | HF s | ours s | speed-up | HF tokens/s | ours tokens/s "
+             "| HF GB | ours GB | memory | HF MFU | our MFU |", "|" + " --- |" * 14]
+    for row in results["rows"]:
+        hf = row.get("hf", {})
+        for name in impls:
+            ours = row.get(name)
+            if not ours:
+                continue
+            tokens = row["batch"] * row["length"]
+            cell = lambda r, f: f(r) if "median_s" in r else "-"  # noqa: E731
+            both = "median_s" in hf and "median_s" in ours
+            lines.append(" | ".join([
+                f"| {row['mode']}", row["dtype"], f"{row['batch']} × {row['length']:,}", name,
+                cell(hf, lambda r: f"{r['median_s']:.3f}"), cell(ours, lambda r: f"{r['median_s']:.3f}"),
+                f"{hf['median_s'] / ours['median_s']:.2f}×" if both else "-",
+                cell(hf, lambda r: f"{tokens / r['median_s']:,.0f}"), cell(ours, lambda r: f"{tokens / r['median_s']:,.0f}"),
+                cell(hf, lambda r: f"{r['peak_bytes'] / 2**30:.2f}"), cell(ours, lambda r: f"{r['peak_bytes'] / 2**30:.2f}"),
+                f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if both else "-",
+                cell(hf, lambda r: f"{r['mfu']:.0%}"), cell(ours, lambda r: f"{r['mfu']:.0%}") + " |"]))
+    return lines
+
+
 def plot(*results_json: str) -> str | None:
     """Time per token and peak memory against length, HF and ours, per mode and dtype (rows of batch 1); the
     PNG's path, or None where there are no such rows."""
@@ -499,10 +558,12 @@ def plot(*results_json: str) -> str | None:
     if not rows:
         return None
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    impls = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict) and k not in ("hf", "ours")))
+    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in ("#d62728", "#1f77b4")]
+    colors = {"hf": "tab:red", "ours": "tab:blue", **dict(zip(impls, others * 2))}
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
-            for impl, color in (("hf", "tab:red"), ("ours", "tab:blue"), ("ours+ckpt", "tab:green"),
-                                ("ours+sel", "tab:orange"), ("ours+attn0", "tab:olive"), ("ours+compile", "tab:purple")):
+            for impl, color in colors.items():
                 pts = sorted(((r["length"], r[impl]) for r in rows if r["mode"] == mode and r["dtype"] == dtype
                               and "median_s" in r.get(impl, {})), key=lambda p: p[0])
                 if not pts:
