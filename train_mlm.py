@@ -1,6 +1,6 @@
 """Masked-LM pretraining of a Longformer, on one process or many.
 
-    python train_mlm.py                                   # the embedded demo: no downloads, ~6 min on 2 CPU cores
+    python train_mlm.py                                   # the embedded demo: no downloads, ~8 min on 2 CPU cores
     python train_mlm.py --init CKPT --data essays/ --recipe feedback-prize-mlm
     python -m torch.distributed.run --nproc_per_node 3 train_mlm.py --init CKPT --data essays/ --recipe feedback-prize-mlm
     python train_mlm.py --config longformer-base/config.json --data wikitext2_npz/ --recipe flagperf

@@ -5,11 +5,11 @@ The tables of docs/benchmarks.md, each made by one command (its results file, an
     python benchmarks/bench.py --out benchmarks/results-cpu-MODEL.json
         CPU (MODEL: the CPU's, e.g. epyc): forward and training step at 1,024 / 4,096 / 16,384 tokens, fp32 and
         bf16, HF against ours and ours with gradient checkpointing (HF's training skipped above 4,096 tokens:
-        ~4x our memory). About 40 minutes on 2 cores of an AMD EPYC.
-    python benchmarks/bench.py --lengths 4096 --impls ours ours+gpu-plan ours+blocks ours+attn0
+        ~4x our memory). About an hour on 2 cores of an AMD EPYC.
+    python benchmarks/bench.py --lengths 4096 --dtypes fp32 --impls ours ours+gpu-plan ours+blocks ours+attn0
                                --out benchmarks/results-cpu-MODEL-kernels.json
         "What makes it fast" on CPU: our CPU plan against the GPU plan run on CPU (none of the CPU kernels), the
-        band in blocks of w through SDPA, and no attention dropout.
+        band in blocks of w through SDPA, and no attention dropout (13 minutes there).
     PYTHONPATH=. python benchmarks/bench.py --device cuda --dtypes tf32 bf16 --impls hf ours ours+compile
                                             --out benchmarks/results-h100.json
         GPU: the same table on a GPU; benchmarks/gpu_check.py runs it with the CUDA test suite.
@@ -522,25 +522,31 @@ def markdown_table(results: dict) -> list[str]:
     """A results file's rows as docs/benchmarks.md shows them: one line per (row, variant of ours), against HF where
     HF ran; times in s, memory in GB, MFU in %."""
     impls = list(dict.fromkeys(k for r in results["rows"] for k, v in r.items() if isinstance(v, dict) and k != "hf"))
+    with_hf = any("hf" in r for r in results["rows"])
     lines = ["| step | dtype | batch × tokens | variant | HF s | ours s | speed-up | HF tokens/s | ours tokens/s "
-             "| HF GB | ours GB | memory | HF MFU | our MFU |", "|" + " --- |" * 14]
+             "| HF GB | ours GB | memory | HF MFU | our MFU |" if with_hf else
+             "| step | dtype | batch × tokens | variant | s | tokens/s | GB | MFU |", "|" + " --- |" * (14 if with_hf else 8)]
+    cell = lambda r, f: f(r) if "median_s" in r else "-"  # noqa: E731  (a result that did not run: -)
+    seconds = lambda r: f"{r['median_s']:.3f}"  # noqa: E731
+    gb = lambda r: f"{r['peak_bytes'] / 2**30:.2f}"  # noqa: E731
+    share = lambda r: f"{r['mfu']:.0%}"  # noqa: E731
     for row in results["rows"]:
         hf = row.get("hf", {})
+        tokens = row["batch"] * row["length"]
+        rate = lambda r: f"{tokens / r['median_s']:,.0f}"  # noqa: E731
         for name in impls:
             ours = row.get(name)
             if not ours:
                 continue
-            tokens = row["batch"] * row["length"]
-            cell = lambda r, f: f(r) if "median_s" in r else "-"  # noqa: E731
             both = "median_s" in hf and "median_s" in ours
-            lines.append(" | ".join([
-                f"| {row['mode']}", row["dtype"], f"{row['batch']} × {row['length']:,}", name,
-                cell(hf, lambda r: f"{r['median_s']:.3f}"), cell(ours, lambda r: f"{r['median_s']:.3f}"),
-                f"{hf['median_s'] / ours['median_s']:.2f}×" if both else "-",
-                cell(hf, lambda r: f"{tokens / r['median_s']:,.0f}"), cell(ours, lambda r: f"{tokens / r['median_s']:,.0f}"),
-                cell(hf, lambda r: f"{r['peak_bytes'] / 2**30:.2f}"), cell(ours, lambda r: f"{r['peak_bytes'] / 2**30:.2f}"),
-                f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if both else "-",
-                cell(hf, lambda r: f"{r['mfu']:.0%}"), cell(ours, lambda r: f"{r['mfu']:.0%}") + " |"]))
+            head = [f"| {row['mode']}", row["dtype"], f"{row['batch']} × {row['length']:,}", name]
+            if not with_hf:  # the variants alone
+                lines.append(" | ".join(head + [cell(ours, f) for f in (seconds, rate, gb, share)]) + " |")
+                continue
+            lines.append(" | ".join(head + [
+                cell(hf, seconds), cell(ours, seconds), f"{hf['median_s'] / ours['median_s']:.2f}×" if both else "-",
+                cell(hf, rate), cell(ours, rate), cell(hf, gb), cell(ours, gb),
+                f"{ours['peak_bytes'] / hf['peak_bytes']:.2f}" if both else "-", cell(hf, share), cell(ours, share)]) + " |")
     return lines
 
 
@@ -559,7 +565,8 @@ def plot(*results_json: str) -> str | None:
         return None
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     impls = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict) and k not in ("hf", "ours")))
-    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in ("#d62728", "#1f77b4")]
+    cycle = [matplotlib.colors.to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]]
+    others = [c for c in cycle if c not in ("#d62728", "#1f77b4")]  # tab:red and tab:blue are HF's and ours
     colors = {"hf": "tab:red", "ours": "tab:blue", **dict(zip(impls, others * 2))}
     for mode, style in (("forward", "-"), ("train", "--")):
         for dtype, marker in (("fp32", "o"), ("tf32", "^"), ("bf16", "s")):
