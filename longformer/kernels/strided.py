@@ -24,9 +24,6 @@ import torch
 from .banded import pad, pad_blocks
 from .dropout import draw_keep, factor, pack_keep, unpack_keep
 
-_flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
 def _windows(xp: torch.Tensor, nc: int, block: int, length: int) -> torch.Tensor:
     """xp [R, *rest] (one example, padded) -> the view [nc, length, *rest] whose block c is rows c * block onwards."""
     step = xp.stride(0)
@@ -38,6 +35,7 @@ def flash_band(q, k, v, w: int, masks, glob, dropout_p: float, plan, project=Non
     dropout (dropout_p and project are the other bands'). Returns [B, L, H, D]."""
     B, L, H, D = q.shape
     n = plan.block
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # plans pick this band where it exists
     mask = masks.band_mask(w, n, q.dtype, global_keys=False)[:, :, None]  # [B, nc, 1, n, 2w + n]
     nc = mask.shape[1]
     qp = pad_blocks(q, n)
@@ -54,8 +52,8 @@ def flash_band(q, k, v, w: int, masks, glob, dropout_p: float, plan, project=Non
             first, end = c0 * n - w, c1 * n + w  # the rows of k and v these windows read
             rows = (pad(x[b:b + 1, max(first, 0):min(end, L)], max(-first, 0), end - first)[0] for x in (k, v))
             kw, vw = (_windows(r, c1 - c0, n, 2 * w + n).transpose(1, 2) for r in rows)  # [blocks, H, S, D]
-            o, s = _flash_with_lse(qp[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).transpose(1, 2), kw, vw, 0.0, False,
-                                   attn_mask=mask[b, c0:c1])
+            o, s = flash(qp[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).transpose(1, 2), kw, vw, 0.0, False,
+                         attn_mask=mask[b, c0:c1])
             out[b, c0 * n:c1 * n].view(c1 - c0, n, H, D).copy_(o.transpose(1, 2))  # o [blocks, H, n, D]
             lse[b, :, c0 * n:c1 * n].view(H, c1 - c0, n).copy_(s.transpose(0, 1))  # s [blocks, H, n]
     out = out[:, :L]
